@@ -1,0 +1,1 @@
+"""Model families behind one interface (:class:`stagewise.models.base.MultimodalModel`)."""

@@ -1,0 +1,108 @@
+"""The one interface every model family implements, and the data passed between stages.
+
+The benchmark scenario (``stagewise.runner``) drives any model through the same five
+stages and never looks inside it:
+
+1. ``load(sample)``           disk -> host arrays             (CPU)
+2. ``preprocess(loaded)``     host arrays -> pixel tensor on the device + prompt token ids
+3. ``encode_vision(prep)``    pixels -> vision embeddings, computed ONCE per sample
+4. ``build_inputs_embeds``    splice vision embeddings into the text embeddings; the
+                              engine then runs the LM prefill over them (first token, KV cache)
+5. decode                     the engine generates the remaining tokens
+
+The language model is a ``transformers`` ``LlamaForCausalLM`` (``model.lm``) for every
+family, so one decode engine serves all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One benchmark sample: what to load and what to ask.
+
+    Exactly the sources the model family needs must be set; others stay ``None``.
+
+    Attributes:
+        sample_id: unique id within a run (used to pair samples across runs).
+        query: the user question placed in the prompt.
+        events_path: an event-stream file (``.npy``/``.npz``/``.h5``/``.hdf5``).
+        event_image_paths: pre-rendered event frames (PNG), in temporal order.
+        video_path: an MP4 file, or a folder of frame images.
+        image_path: a single image (LLaVA-1.5).
+        events: an in-memory structured event array (``stagewise.events.EVENT_DTYPE``),
+            used by the built-in simulated scene; no file is read then.
+        sensor_size: ``(height, width)`` of the event sensor when known.
+    """
+
+    sample_id: str
+    query: str
+    events_path: Path | None = None
+    event_image_paths: list[Path] | None = None
+    video_path: Path | None = None
+    image_path: Path | None = None
+    events: Any = None
+    sensor_size: tuple[int, int] | None = None
+
+
+@dataclass
+class Prepared:
+    """Output of stage 2.
+
+    Attributes:
+        pixel_values: ``[N, 3, H, W]`` on the model device in the model dtype
+            (N = frames or images for this sample).
+        input_ids: ``[S_text]`` int64 on the model device; the vision placeholder
+            (``placeholder_id``) stands where the vision embeddings go.
+        shapes: name -> shape list for the report's data-shape table.
+    """
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MultimodalModel(Protocol):
+    """A multimodal LLM seen as five stages.
+
+    Attributes:
+        name: family name (``"eventgpt"``, ``"video-llava"``, ``"llava-1.5"``).
+        lm: the ``LlamaForCausalLM`` decoder the engines drive.
+        device: torch device of all weights.
+        dtype: compute dtype of all weights.
+        eos_token_id: end-of-sequence id of the tokenizer.
+    """
+
+    name: str
+    lm: Any
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_id: int
+
+    def load(self, sample: Sample) -> Any:
+        """Stage 1: read the sample's inputs from disk into host memory."""
+
+    def preprocess(self, loaded: Any, query: str) -> Prepared:
+        """Stage 2: render / resize / normalize pixels onto the device; tokenize the prompt."""
+
+    def encode_vision(self, prepared: Prepared) -> torch.Tensor:
+        """Stage 3: ``[N_vision, hidden]`` vision embeddings in LM space, model dtype."""
+
+    def build_inputs_embeds(self, prepared: Prepared, vision: torch.Tensor) -> torch.Tensor:
+        """Stage 4 (first part): ``[S_prefill, hidden]`` LM input embeddings, vision spliced in."""
+
+    def generate_fused(self, prepared: Prepared, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        """The fused reference path: pixels in, one ``generate`` call, greedy token ids out."""
+
+    def decode_text(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens skipped."""
+
+    def vision_flops(self, n_images: int) -> float:
+        """FLOPs of stage 3 for ``n_images`` images (tower + projector + adaptor)."""
