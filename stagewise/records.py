@@ -9,6 +9,7 @@ a device synchronization at every stage boundary, so the intervals tile the samp
 - ``prefill_ms``     -> splice done, KV cache filled, first token on the device (stage 4)
 - ``decode_ms``      -> last token on the device (stage 5)
 - ``e2e_ms``         sample start -> last token, measured by its own clock
+- ``stage_gap``      |sum of the five stages - e2e_ms| / e2e_ms (checked <= 2 %)
 - ``ttft_ms``        load + preprocess + vision + prefill (time to first token)
 - ``tpot_ms``        decode_ms / (n_output_tokens - 1): time per output token after the
                      first (vLLM's TPOT; equal to the mean ITL)
@@ -49,6 +50,7 @@ class SampleRecord:
     prefill_ms: float | None = None
     decode_ms: float | None = None
     e2e_ms: float | None = None
+    stage_gap: float | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     itl_p50_ms: float | None = None

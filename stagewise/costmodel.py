@@ -1,0 +1,170 @@
+"""FLOPs and bytes per stage, from the model configs: the physical floor of each stage.
+
+Why two numbers: vision and prefill push hundreds of tokens through every weight, so they
+are bound by matrix arithmetic (floor = FLOPs / peak FLOP/s, utilisation = MFU); decode
+pushes one token per sequence through every weight, so it is bound by streaming the
+weights and the KV cache from HBM (floor = bytes / copy bandwidth, utilisation = MBU).
+
+Counting conventions (the usual ones, e.g. Kaplan et al. 2020, "Scaling Laws", sec. 2.1;
+PaLM appendix B for attention): a matmul of ``[m, k] x [k, n]`` is ``2 m k n`` FLOPs;
+causal self-attention over ``S`` tokens costs ``2 S^2 d`` per layer (QK^T and AV, half of
+the ``4 S^2 d`` of full attention); norms, activations and softmax are not counted.
+Bytes count each weight read once and each KV-cache entry read once per step.
+Ceilings are measured on the device (:func:`measure_ceilings`), not taken from datasheets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
+
+
+def llama_layer_params(cfg: Any) -> int:
+    """Weights of one decoder layer (attention + MLP + 2 RMSNorms), elements."""
+    d = _get(cfg, "hidden_size")
+    h = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads") or h
+    hd = _get(cfg, "head_dim") or d // h
+    inter = _get(cfg, "intermediate_size")
+    return d * h * hd * 2 + d * kv * hd * 2 + 3 * d * inter + 2 * d
+
+
+def llama_decode_weight_bytes(cfg: Any, elem_bytes: int = 2) -> int:
+    """Bytes of weights streamed per decode step: all layers, final norm, LM head
+    (the embedding lookup reads one row per token and is not counted)."""
+    d, v = _get(cfg, "hidden_size"), _get(cfg, "vocab_size")
+    n = _get(cfg, "num_hidden_layers") * llama_layer_params(cfg) + d + v * d
+    return n * elem_bytes
+
+
+def kv_cache_bytes(cfg: Any, seq_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
+    """KV-cache size: ``layers x 2 (K, V) x batch x kv_heads x seq_len x head_dim x elem`` bytes.
+
+    EventGPT-7B, 641 tokens, bf16: 32 x 2 x 32 x 641 x 128 x 2 = 336,068,608 B = 320.5 MiB.
+    """
+    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads") or h
+    hd = _get(cfg, "head_dim") or d // h
+    return _get(cfg, "num_hidden_layers") * 2 * batch * kv * seq_len * hd * elem_bytes
+
+
+def llama_prefill_flops(cfg: Any, seq_len: int, batch: int = 1) -> float:
+    """Prefill FLOPs: ``2 x tokens x layer weights`` + causal attention + LM head on the last token."""
+    d, v, n_l = _get(cfg, "hidden_size"), _get(cfg, "vocab_size"), _get(cfg, "num_hidden_layers")
+    h = _get(cfg, "num_attention_heads")
+    hd = _get(cfg, "head_dim") or d // h
+    tokens = batch * seq_len
+    weights = 2.0 * tokens * n_l * llama_layer_params(cfg)
+    attn = 2.0 * batch * n_l * seq_len * seq_len * h * hd
+    return weights + attn + 2.0 * batch * d * v
+
+
+def llama_decode_step_bytes(cfg: Any, kv_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
+    """Bytes one decode step must move: the weights once, plus the KV cache read for every row."""
+    return llama_decode_weight_bytes(cfg, elem_bytes) + kv_cache_bytes(cfg, kv_len, batch, elem_bytes)
+
+
+def llama_decode_bytes(cfg: Any, prompt_len: int, n_out: int, batch: int = 1, elem_bytes: int = 2) -> int:
+    """Bytes of all ``n_out - 1`` decode steps after the prefill (KV length grows by one each)."""
+    return sum(llama_decode_step_bytes(cfg, prompt_len + i, batch, elem_bytes) for i in range(1, n_out))
+
+
+def clip_vision_flops(vcfg: Any, n_images: int) -> float:
+    """CLIP ViT FLOPs for ``n_images``: patch embedding, every encoder layer (full attention)."""
+    d, inter, n_l = _get(vcfg, "hidden_size"), _get(vcfg, "intermediate_size"), _get(vcfg, "num_hidden_layers")
+    p, size = _get(vcfg, "patch_size"), _get(vcfg, "image_size")
+    n_patch = (size // p) ** 2
+    n = n_patch + 1
+    patch = 2.0 * n_patch * 3 * p * p * d
+    layer = 2.0 * n * (4 * d * d + 2 * d * inter) + 4.0 * n * n * d
+    return n_images * (patch + n_l * layer)
+
+
+def eventgpt_vision_flops(model: Any, n_images: int) -> float:
+    """Stage-3 FLOPs of EventGPT: tower + projector + adaptor (pooling not counted).
+
+    With ``model.fuse_vision`` the projector's second linear and the adaptor run on the
+    ``T + S`` pooled tokens instead of ``T x S``.
+    """
+    vcfg = model.visual_tower.config
+    d_v, d = vcfg.hidden_size, model.lm.config.hidden_size
+    s = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+    first = 2.0 * n_images * s * d_v * d
+    tail_tokens = (n_images + s) if model.fuse_vision else n_images * s
+    return clip_vision_flops(vcfg, n_images) + first + 2.0 * tail_tokens * 2 * d * d
+
+
+def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: int = 8192, repeats: int = 10) -> dict[str, float]:
+    """Measure the device's two ceilings (CUDA only; ``{}`` elsewhere).
+
+    Returns:
+        ``{"copy_bw_bytes_s": bytes read + written per second of a device-to-device copy,
+        "bf16_flops_s": FLOP/s of a bf16 ``matmul_n``^3 product on random data}``, each the
+        median of ``repeats`` timed runs after warm-up (CUDA events).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+
+    def timed(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timed(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
+    t_mm = timed(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bw_bytes_s": 2.0 * copy_bytes / t_copy, "bf16_flops_s": 2.0 * matmul_n**3 / t_mm, "measured_at": time.time()}
+
+
+def stage_floors(model: Any, mean_record: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per-stage floors for a run, from the mean token counts of its samples.
+
+    Args:
+        model: the run's model (``lm.config``, ``vision_flops``, ``n_frames``).
+        mean_record: means of ``n_prefill_tokens``, ``n_output_tokens``, ``batch_size`` and
+            ``n_images`` over the run's samples.
+        ceilings: :func:`measure_ceilings` output (empty on CPU: no floors then).
+
+    Returns:
+        ``{stage: {"floor_ms", "kind" ("MFU"|"MBU"), "flops", "bytes"}}`` for vision,
+        prefill and decode; ``{}`` without ceilings.
+    """
+    if not ceilings:
+        return {}
+    cfg = model.lm.config
+    elem = torch.finfo(model.dtype).bits // 8
+    flops_s, bw = ceilings["bf16_flops_s"], ceilings["copy_bw_bytes_s"]
+    batch = max(int(round(mean_record.get("batch_size", 1))), 1)
+    s = int(round(mean_record["n_prefill_tokens"]))
+    n_out = int(round(mean_record["n_output_tokens"]))
+    n_img = int(round(mean_record.get("n_images", model.n_frames)))
+    v_flops = model.vision_flops(n_img) * batch
+    p_flops = llama_prefill_flops(cfg, s, batch)
+    p_bytes = llama_decode_weight_bytes(cfg, elem) + kv_cache_bytes(cfg, s, batch, elem)
+    d_bytes = llama_decode_bytes(cfg, s, n_out, batch, elem)
+    return {
+        "vision": {"floor_ms": 1e3 * v_flops / flops_s, "kind": "MFU", "flops": v_flops, "bytes": None},
+        "prefill": {"floor_ms": 1e3 * max(p_flops / flops_s, p_bytes / bw), "kind": "MFU", "flops": p_flops, "bytes": p_bytes},
+        "decode": {"floor_ms": 1e3 * d_bytes / bw, "kind": "MBU", "flops": None, "bytes": d_bytes},
+    }

@@ -1,0 +1,38 @@
+"""Shared test fixtures: where the real data lives, and a tiny EventGPT."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("STAGEWISE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SAMPLE_NPY = SHARED_DATA / "events" / "eventgpt_sample1.npy"
+DSEC_H5 = SHARED_DATA / "events" / "dsec_interlaken_00_d_000069_events.h5"
+LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+def require(path: Path) -> Path:
+    """Skip the test when a real-data file is absent."""
+    if not path.is_file():
+        pytest.skip(f"real data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_eventgpt():
+    """The eventgpt-tiny preset, fp32 on CPU (shared: tests must not mutate it)."""
+    from stagewise.models.eventgpt import build_random
+
+    return build_random("eventgpt-tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

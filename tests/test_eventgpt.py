@@ -1,0 +1,122 @@
+"""EventGPT: pooling shapes, released checkpoint layout round trip, decoupled == fused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stagewise.engine.hf import HFEngine
+from stagewise.engine.base import stack_left_padded
+from stagewise.errors import InputError
+from stagewise.models.base import Prepared
+from stagewise.models.eventgpt import (
+    checkpoint_key_to_module_key,
+    from_pretrained,
+    module_key_to_checkpoint_key,
+    save_checkpoint,
+    spatio_temporal_pool,
+)
+from stagewise.prompt import DEFAULT_QUERY, EVENT_TOKEN_INDEX, eventgpt_prompt, tokenize_with_placeholder
+
+
+def _prepared(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(5, 3, 336, 336, generator=g)
+    ids = tokenize_with_placeholder(eventgpt_prompt(DEFAULT_QUERY), model.tokenizer)
+    return Prepared(pixels, torch.tensor(ids))
+
+
+def test_pooling_order_and_shape():
+    h = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    out = spatio_temporal_pool(h)
+    assert out.shape == (2 + 3, 4)
+    torch.testing.assert_close(out[:2], h.mean(1))  # temporal tokens first
+    torch.testing.assert_close(out[2:], h.mean(0))
+
+
+def test_vision_gives_582_tokens_and_fused_variant_matches(tiny_eventgpt):
+    prep = _prepared(tiny_eventgpt)
+    v = tiny_eventgpt.encode_vision(prep)
+    assert v.shape == (582, tiny_eventgpt.lm.config.hidden_size) and tiny_eventgpt.n_vision_tokens == 582
+    tiny_eventgpt.fuse_vision = True
+    try:
+        vf = tiny_eventgpt.encode_vision(prep)
+    finally:
+        tiny_eventgpt.fuse_vision = False
+    diff = (v - vf).abs().max().item()
+    assert diff < 1e-4, f"pool-before-linear differs by {diff}"
+
+
+def test_splice_puts_vision_at_the_placeholder(tiny_eventgpt):
+    prep = _prepared(tiny_eventgpt)
+    v = tiny_eventgpt.encode_vision(prep)
+    e = tiny_eventgpt.build_inputs_embeds(prep, v)
+    k = prep.input_ids.tolist().index(EVENT_TOKEN_INDEX)
+    assert e.shape[0] == len(prep.input_ids) - 1 + 582
+    torch.testing.assert_close(e[k : k + 582], v)
+    emb = tiny_eventgpt.lm.get_input_embeddings()
+    torch.testing.assert_close(e[:k], emb(prep.input_ids[:k]))
+    torch.testing.assert_close(e[k + 582 :], emb(prep.input_ids[k + 1 :]))
+
+
+def test_decoupled_equals_fused_tiny(tiny_eventgpt):
+    engine = HFEngine(tiny_eventgpt.lm)
+    for seed in range(2):
+        prep = _prepared(tiny_eventgpt, seed)
+        fused = tiny_eventgpt.generate_fused(prep, 12, None)
+        row = tiny_eventgpt.build_inputs_embeds(prep, tiny_eventgpt.encode_vision(prep))
+        out = engine.decode(engine.prefill(*stack_left_padded([row])), 12, None)
+        assert fused == out.tokens[0].tolist(), f"fused {fused} != decoupled {out.tokens[0].tolist()}"
+        assert len(fused) == 12
+
+
+def test_key_mapping_round_trip():
+    # both transformers 4.x's nested and 5.x's flat CLIPVisionModel keys
+    for ck in ("model.layers.3.self_attn.q_proj.weight", "lm_head.weight", "model.visual_projector.0.weight", "model.feature_adaptor.bias", "model.visual_tower.visual_tower.vision_model.encoder.layers.0.mlp.fc1.weight"):
+        for prefix in ("vision_model.", ""):
+            assert module_key_to_checkpoint_key(checkpoint_key_to_module_key(ck, prefix), prefix) == ck
+    assert checkpoint_key_to_module_key("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_released_layout_loads_unchanged(tiny_eventgpt, tmp_path, safetensors):
+    folder = save_checkpoint(tiny_eventgpt, tmp_path / "ckpt", safetensors=safetensors, max_shard_bytes=200_000)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "EventChat_llama" and cfg["mm_use_im_start_end"] is True
+    shards = sorted(folder.glob("*.safetensors" if safetensors else "pytorch_model-*.bin"))
+    assert len(shards) > 1, "sharded"
+    loaded = from_pretrained(folder, device="cpu", dtype=torch.float32)
+    a, b = tiny_eventgpt.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    prep = _prepared(tiny_eventgpt)
+    assert loaded.generate_fused(prep, 6, None) == tiny_eventgpt.generate_fused(prep, 6, None)
+
+
+def test_checkpoint_missing_keys_are_listed(tiny_eventgpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_checkpoint(tiny_eventgpt, tmp_path / "ckpt", safetensors=True, max_shard_bytes=10**9)
+    shard = next(folder.glob("model-*.safetensors"))
+    state = load_file(str(shard))
+    del state["model.feature_adaptor.weight"], state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(shard))
+    idx = folder / "model.safetensors.index.json"
+    m = json.loads(idx.read_text())
+    m["weight_map"] = {k: v for k, v in m["weight_map"].items() if k in state}
+    idx.write_text(json.dumps(m))
+    with pytest.raises(InputError) as e:
+        from_pretrained(folder, device="cpu", dtype=torch.float32)
+    msg = str(e.value)
+    assert "missing 2 weights" in msg and "model.feature_adaptor.weight" in msg and "model.layers.1.mlp.up_proj.weight" in msg and str(folder) in msg
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(InputError, match="no config.json"):
+        from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="EventChat_llama"):
+        from_pretrained(tmp_path, device="cpu")
