@@ -225,6 +225,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    from stagewise import events as ev
+    from stagewise.dataset import build_dataset
+    from stagewise.simulate import moving_edge_events
+
+    streams = {}
+    for f in args.events or []:
+        streams[f.stem] = ev.check_duration(ev.read_events(f), window=args.window)
+    for i in range(args.simulated):
+        streams[f"sim{i:03d}"] = moving_edge_events(seed=i)
+    if not streams:
+        raise ValueError("make-dataset: give --events FILE... and/or --simulated N")
+    print(build_dataset(streams, args.out, write_video=not args.no_video))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stagewise", description="Stage-resolved inference of multimodal LLMs on event streams and video.")
     sub = p.add_subparsers(dest="command")
@@ -251,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sensor-size", default=None, help="HxW, e.g. 480x640 (default: the file's, else max coordinate + 1 per frame)")
     d.add_argument("--window", action="store_true", help="window streams of >= 100 ms to the first 100 ms")
     d.set_defaults(func=cmd_render)
+    md = sub.add_parser("make-dataset", help="write a seeds-style dataset (events, event PNGs, MP4, frame folders) from event files / the built-in scene")
+    md.add_argument("--out", type=Path, required=True)
+    md.add_argument("--events", type=Path, nargs="*", default=None)
+    md.add_argument("--simulated", type=int, default=0, help="add N samples of the built-in scene")
+    md.add_argument("--window", action="store_true")
+    md.add_argument("--no-video", action="store_true", help="skip mp4/ and video/ (no PyAV needed)")
+    md.set_defaults(func=cmd_make_dataset)
     rp = sub.add_parser("report", help="re-render a run directory's report.md and plot")
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=cmd_report)

@@ -128,11 +128,11 @@ def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: 
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     t_copy = timed(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free before the matmul buffers
     a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
     b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
     t_mm = timed(lambda: a @ b)
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     return {"copy_bw_bytes_s": 2.0 * copy_bytes / t_copy, "bf16_flops_s": 2.0 * matmul_n**3 / t_mm, "measured_at": time.time()}
 

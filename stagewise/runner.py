@@ -245,7 +245,11 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     config = {**asdict(cfg), "model": model.name, "architecture": model.describe(), "env": environment(device), "n_samples": len(expanded), "max_seq": max_seq}
     write_json(run_dir / "config.json", config)
 
-    done = {r.sample_id for r in read_samples(samples_file)} if resume and samples_file.exists() else set()
+    done: set[str] = set()
+    if resume and samples_file.exists():
+        kept = read_samples(samples_file)  # drops a line torn by a crash mid-write
+        samples_file.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
+        done = {r.sample_id for r in kept}
     todo = [s for s in expanded if s.sample_id not in done]
 
     # Timed cold start: engine warm-up (compile / graph capture) and warm-up samples.

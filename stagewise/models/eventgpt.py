@@ -179,6 +179,8 @@ class EventGPT(nn.Module):
         gpu_preprocess: render event images and run the CLIP resize/normalize with torch on
             the model device instead of numpy + the ``transformers`` processor.
         fuse_vision: pool before the projector's second linear (module docstring).
+        vision_batch: all frames through the tower in one call (default); ``False`` runs
+            the seeds' one-call-per-frame loop (kept for side-by-side numbers).
     """
 
     name = "eventgpt"
@@ -200,6 +202,7 @@ class EventGPT(nn.Module):
         self.window = False
         self.gpu_preprocess = False
         self.fuse_vision = False
+        self.vision_batch = True
         self.sensor_size: tuple[int, int] | None = None
         self.preset = "custom"
 
@@ -291,7 +294,11 @@ class EventGPT(nn.Module):
         Returns:
             ``[T + 577, d]`` (582 x 4096 for EventGPT-7B), model dtype, on the device.
         """
-        feats = self.visual_tower(pixel_values=prepared.pixel_values).last_hidden_state  # [T, 577, d_v]
+        px = prepared.pixel_values  # [T, 3, 336, 336]
+        if self.vision_batch:
+            feats = self.visual_tower(pixel_values=px).last_hidden_state  # [T, 577, d_v]
+        else:  # the seeds' loop: one tower call per frame
+            feats = torch.cat([self.visual_tower(pixel_values=px[t : t + 1]).last_hidden_state for t in range(px.shape[0])])
         proj0, act, proj2 = self.visual_projector
         if self.fuse_vision:
             h = act(proj0(feats))  # [T, 577, d]

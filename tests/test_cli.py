@@ -1,0 +1,84 @@
+"""The ``stagewise`` command end to end on CPU, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_NPY, require
+from stagewise.cli import main
+
+
+def test_run_report_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--num-samples", "2", "--output-len", "fixed:4", "--out", str(out), "--no-ceilings"]) == 0
+    text = capsys.readouterr().out
+    assert "random weights" in text and "prefill" in text
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").is_file()
+    assert main(["run", "--num-samples", "3", "--output-len", "fixed:4", "--out", str(out), "--resume", "--no-ceilings"]) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_run_real_sample_with_repeats(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--events", str(require(SAMPLE_NPY)), "--repeats", "2", "--output-len", "fixed:3", "--out", str(out), "--no-ceilings"]) == 0
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in recs] == ["eventgpt_sample1@0", "eventgpt_sample1@1"]
+    assert recs[0]["shapes"]["load.events"] == [132268]
+
+
+def test_verify_passes_on_tiny(tmp_path, capsys):
+    assert main(["verify", "--num-samples", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "v.json")]) == 0
+    assert "2/2 samples identical" in capsys.readouterr().out
+    res = json.loads((tmp_path / "v.json").read_text())
+    assert all(r["ok"] for r in res) and len(res[0]["fused"]) == 8
+
+
+def test_render_writes_pngs(tmp_path):
+    from PIL import Image
+
+    npy = tmp_path / "ev.npz"
+    rng = np.random.default_rng(0)
+    n = 500
+    np.savez(npy, x=rng.integers(0, 64, n).astype(np.uint16), y=rng.integers(0, 48, n).astype(np.uint16), t=np.sort(rng.integers(0, 40_000, n)).astype(np.int64), p=rng.integers(0, 2, n).astype(np.uint8))
+    assert main(["render", "--events", str(npy), "--out", str(tmp_path / "png"), "--sensor-size", "48x64"]) == 0
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 5 and Image.open(pngs[0]).size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--events", "/nonexistent/ev.npy"], "/nonexistent/ev.npy"),
+        (["run", "--output-len", "fixed:0"], "output-len"),
+        (["run", "--weights", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+        (["run", "--preset", "gpt-5"], "preset"),
+        (["report", "/nonexistent/run"], "/nonexistent/run"),
+    ],
+)
+def test_bad_input_is_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stagewise: error:") and needle in err and "\n" not in err, err
+
+
+def test_long_stream_refused_then_windowed(tmp_path, capsys):
+    f = tmp_path / "long.npz"
+    t = np.arange(0, 300_000, 100, dtype=np.int64)
+    np.savez(f, x=(t % 64).astype(np.uint16), y=(t % 48).astype(np.uint16), t=t, p=(t % 2).astype(np.uint8))
+    assert main(["run", "--events", str(f), "--out", str(tmp_path / "r1"), "--no-ceilings", "--output-len", "fixed:2"]) == 1
+    recs = [json.loads(x) for x in (tmp_path / "r1" / "samples.jsonl").read_text().splitlines()]
+    assert "long.npz" in recs[0]["error"] and "--window" in recs[0]["error"]
+    assert main(["run", "--events", str(f), "--window", "--out", str(tmp_path / "r2"), "--no-ceilings", "--output-len", "fixed:2"]) == 0
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "stagewise", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "verify" in r.stdout and "compare" in r.stdout
