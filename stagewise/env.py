@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +14,22 @@ import torch
 
 
 def git_sha() -> str | None:
-    """SHA of the checkout stagewise runs from (``-dirty`` if modified), or None."""
+    """SHA of the checkout stagewise runs from (``-dirty`` if modified), or None.
+
+    ``STAGEWISE_GIT_SHA`` overrides it (for copies of the tree without ``.git``).
+    """
+    if os.environ.get("STAGEWISE_GIT_SHA"):
+        return os.environ["STAGEWISE_GIT_SHA"]
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
+    sha = r.stdout.strip()
+    if r.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}", sha):
+        return None
+    return sha + ("-dirty" if dirty else "")
 
 
 def environment(device: torch.device) -> dict[str, Any]:
