@@ -381,11 +381,12 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _as_int(path: Path, name: str, arr: np.ndarray) -> np.ndarray:
-    """``arr`` as int64; integral floats and bools are accepted."""
+    """``arr`` as an integer array (integers and bools as they are, no copy; integral floats
+    converted to int64)."""
     if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
         if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
             raise InputError(path, f"{name} has values beyond the int64 range")
-        return arr.astype(np.int64, copy=False)
+        return arr
     if np.issubdtype(arr.dtype, np.floating):
         if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
             raise InputError(path, f"{name} has non-integer values (dtype {arr.dtype})")
@@ -427,12 +428,14 @@ def _pack(
             f"max x {x_max} (must be < {width}), max y {y_max} (must be < {height})",
         )
 
-    values = np.unique(p)
-    if np.all(np.isin(values, (0, 1))):
-        p8 = p.astype(np.uint8)
-    elif np.all(np.isin(values, (-1, 1))):
+    # min/max instead of np.unique: this runs on every sample (stage 1), unique only for the message.
+    p_min, p_max = int(p.min()), int(p.max())
+    if p_min >= 0 and p_max <= 1:
+        p8 = p.astype(np.uint8, copy=False)
+    elif p_min >= -1 and p_max <= 1 and not np.any(p == 0):
         p8 = (p > 0).astype(np.uint8)  # -1 -> 0 (OFF), 1 -> 1 (ON)
     else:
+        values = np.unique(p)
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
         raise InputError(path, f"polarity must be 0/1 (or -1/1), found values {shown}")
 
