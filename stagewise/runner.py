@@ -252,16 +252,29 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         done = {r.sample_id for r in kept}
     todo = [s for s in expanded if s.sample_id not in done]
 
-    # Timed cold start: engine warm-up (compile / graph capture) and warm-up samples.
+    # Timed cold start: engine warm-up (compile, CUDA-graph capture for every batch size the
+    # run will use and every KV-length bucket from the shortest possible prefill), then
+    # warm-up batches of the real samples. None of it is recorded.
     device_sync(device)
     t_warm = time.perf_counter()
-    if hasattr(engine, "warmup"):
-        engine.warmup(model_prompt_bound(model))
     warm_src = todo or expanded
-    for k in range(cfg.warmup):
-        batch = _batches(warm_src, cfg.batch_size)[0]
-        res = run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights, max_new_tokens=cfg.max_new_tokens, engine_name=cfg.engine)
-        del res
+    sizes = {min(cfg.batch_size, len(warm_src))}
+    if len(warm_src) % cfg.batch_size:
+        sizes.add(len(warm_src) % cfg.batch_size)
+    if hasattr(engine, "warmup"):
+        # Decode graphs for every KV bucket from the shortest possible prefill (the vision
+        # tokens alone) up, then the prefill graph of the first sample's real length.
+        engine.warmup(max(1, int(getattr(model, "n_vision_tokens", 1) or 1)), None, batch_sizes=sorted(sizes))
+        s0 = warm_src[0]
+        try:
+            prep = model.preprocess(model.load(s0), s0.query)
+            engine.warmup(int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0]), None, batch_sizes=sorted(sizes))
+        except (InputError, ValueError, OSError):
+            pass  # a bad first sample is recorded by the measured loop
+    for _ in range(cfg.warmup):
+        for size in sorted(sizes):
+            batch = warm_src[:size]
+            run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights, max_new_tokens=cfg.max_new_tokens, engine_name=cfg.engine)
     device_sync(device)
     warmup_ms = (time.perf_counter() - t_warm) * 1e3
 

@@ -1,0 +1,298 @@
+"""The fast engine against the reference HF engine, on tiny random LLaMAs (fp32, CPU).
+
+Greedy token ids must be EQUAL: in fp32 the two engines differ only by summation order
+(~1e-6 on logits), and the tiny models are initialized with a large std (0.2) so that the gap
+between the top two logits is far larger than that on every step these tests take.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stagewise.engine import make_engine
+from stagewise.engine.base import stack_left_padded
+from stagewise.engine.fast import FastEngine
+from stagewise.engine.hf import HFEngine
+
+HIDDEN = 64
+
+
+def tiny_lm(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    kw = {
+        "vocab_size": 101, "hidden_size": HIDDEN, "intermediate_size": 112, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
+        "initializer_range": 0.2, "rms_norm_eps": 1e-5,
+    }
+    kw.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def prompts(lengths, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, HIDDEN, generator=g) for n in lengths]
+
+
+def run(engine, rows, new_tokens: int = 12, eos: int | None = None):
+    embeds, mask = stack_left_padded(rows)
+    pre = engine.prefill(embeds, mask)
+    return pre, engine.decode(pre, new_tokens, eos)
+
+
+def assert_logits_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+    diff = (a - b).abs()
+    assert diff.max() <= tol, f"prefill logits: max |diff| {diff.max():.3g}, mean {diff.mean():.3g} (tol {tol})"
+
+
+GQA = {"num_key_value_heads": 2}
+VARIANTS = {
+    "mha": {},
+    "gqa": GQA,
+    "mqa": {"num_key_value_heads": 1},
+    "head_dim_32": {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 1},  # H*hd != hidden
+    "bias": {"attention_bias": True, "mlp_bias": True},
+    "rope_linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    "rope_llama3": {"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+    }},
+    "tied": {"tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batch1_matches_hf(variant):
+    lm = tiny_lm(**VARIANTS[variant])
+    hf_pre, hf_out = run(HFEngine(lm), prompts([9]))
+    fast = FastEngine(lm, max_seq=64, kv_bucket=8)
+    fast_pre, fast_out = run(fast, prompts([9]))
+    assert_logits_close(fast_pre.logits, hf_pre.logits)
+    assert fast_out.tokens.tolist() == hf_out.tokens.tolist()
+    assert fast_out.n_tokens == hf_out.n_tokens == [12]
+    assert len(fast_out.step_ms) == 11
+    assert fast_out.tokens.dtype == torch.int64 and fast_out.tokens.device.type == "cpu"
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa"])
+def test_left_padded_batch_matches_hf_and_batch1(variant):
+    lm = tiny_lm(**VARIANTS[variant])
+    rows = prompts([7, 12, 3])
+    hf_pre, hf_out = run(HFEngine(lm), rows)
+    fast = FastEngine(lm, max_batch=4, max_seq=40, kv_bucket=8)
+    fast_pre, fast_out = run(fast, rows)
+    assert_logits_close(fast_pre.logits, hf_pre.logits)
+    assert fast_out.tokens.tolist() == hf_out.tokens.tolist()
+    for b, row in enumerate(rows):  # a row's output does not depend on its batch mates
+        _, single = run(fast, [row])
+        assert single.tokens[0].tolist() == fast_out.tokens[b].tolist(), f"row {b}"
+
+
+def first_index_plus_one(row: list[int], eos: int, n: int) -> int:
+    return row.index(eos) + 1 if eos in row else n
+
+
+@pytest.mark.parametrize("everyone_stops", [True, False])
+def test_eos_rows_stop_at_different_times(everyone_stops):
+    lm = tiny_lm(**GQA)
+    rows = prompts([5, 8, 6], seed=4)
+    fast = FastEngine(lm, max_batch=3, max_seq=48, kv_bucket=8)
+    _, free = run(fast, rows, new_tokens=16)
+    table = free.tokens.tolist()
+    # EOS: a token that is no row's first token, and that either every row produces (all stop
+    # early: the output is trimmed) or only some do (one row runs to the end)
+    candidates = [t for t in table[0][1:] if t not in free.tokens[:, 0].tolist()]
+    eos = next(t for t in candidates if all(t in r for r in table) == everyone_stops)
+    expected = [first_index_plus_one(r, eos, 16) for r in table]
+    assert len(set(expected)) > 1, f"rows should stop at different times: {expected}"
+    assert (max(expected) < 16) == everyone_stops
+
+    _, hf_out = run(HFEngine(lm), rows, new_tokens=16, eos=eos)
+    for check_every in (1, 4, 16):  # host looks at the flags rarely: same result, trimmed
+        fast.check_every = check_every
+        _, out = run(fast, rows, new_tokens=16, eos=eos)
+        assert out.n_tokens == expected == hf_out.n_tokens
+        assert out.tokens.tolist() == hf_out.tokens.tolist()
+        assert out.tokens.shape[1] == max(expected)
+        assert len(out.step_ms) == max(expected) - 1
+        for b, n in enumerate(out.n_tokens):  # a row that stopped holds EOS from there on
+            if n < out.tokens.shape[1] or eos in table[b]:
+                assert set(out.tokens[b, n - 1:].tolist()) == {eos}
+
+
+def test_eos_as_first_token_and_single_token():
+    lm = tiny_lm()
+    fast = FastEngine(lm, max_seq=32, kv_bucket=8)
+    _, out = run(fast, prompts([6]), new_tokens=1)
+    assert out.tokens.shape == (1, 1) and out.n_tokens == [1] and out.step_ms == []
+    first = int(out.tokens[0, 0])
+    _, out = run(fast, prompts([6]), new_tokens=10, eos=first)
+    assert out.tokens.tolist() == [[first]] and out.n_tokens == [1]
+
+
+def test_hf_model_unchanged_and_weights_shared():
+    lm = tiny_lm(**GQA)
+    embeds, mask = stack_left_padded(prompts([6, 9]))
+    before = lm(inputs_embeds=embeds, attention_mask=mask).logits
+    storages = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+    param_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    ptr_before_o = lm.model.layers[0].self_attn.o_proj.weight.data_ptr()
+
+    fast = FastEngine(lm, max_batch=2, max_seq=32)
+    after = lm(inputs_embeds=embeds, attention_mask=mask).logits
+    assert torch.equal(before, after), f"HF output changed: max |diff| {(before - after).abs().max():.3g}"
+
+    attn, mlp = lm.model.layers[0].self_attn, lm.model.layers[0].mlp
+    w = fast.layers[0]
+    # q/k/v and gate/up are now views of the engine's fused buffers; the rest is untouched
+    assert attn.q_proj.weight.data_ptr() == w.wqkv.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == w.wqkv[attn.q_proj.weight.shape[0]:].data_ptr()
+    assert mlp.gate_proj.weight.data_ptr() == w.w_gate_up.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == w.w_gate_up[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    assert attn.o_proj.weight.data_ptr() == w.wo.data_ptr() == ptr_before_o
+    assert fast.embed.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    # no parameter memory added: fused buffers replace the old storages, which are gone
+    new_storages = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+    assert len(new_storages) < len(storages)
+    unique = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in lm.parameters()}
+    assert sum(unique.values()) == param_bytes
+
+    # a second engine over the same model fuses nothing again (idempotent)
+    fast2 = FastEngine(lm, max_batch=2, max_seq=32)
+    assert fast2.layers[0].wqkv.data_ptr() == w.wqkv.data_ptr()
+    again = lm(inputs_embeds=embeds, attention_mask=mask).logits
+    assert torch.equal(before, again)
+
+
+def test_tied_embeddings_share_one_tensor():
+    lm = tiny_lm(tie_word_embeddings=True)
+    fast = FastEngine(lm, max_seq=32)
+    assert fast.lm_head.data_ptr() == fast.embed.data_ptr()
+
+
+def test_score_is_teacher_forcing_of_the_decode_step():
+    lm = tiny_lm(**GQA)
+    fast = FastEngine(lm, max_seq=40, kv_bucket=8)
+    _, out = run(fast, prompts([7]), new_tokens=10)
+    embeds, mask = stack_left_padded(prompts([7]))
+    logits = fast.score(fast.prefill(embeds, mask), out.tokens[:, :-1])
+    assert logits.shape == (1, 10, lm.config.vocab_size)
+    assert logits.argmax(-1).tolist() == out.tokens.tolist()
+    # and against one HF forward over prompt + forced tokens
+    full = torch.cat([embeds, lm.model.embed_tokens(out.tokens[:, :-1])], dim=1).detach()
+    ref = lm(inputs_embeds=full).logits[:, -10:].float().detach()
+    diff = (ref - logits).abs().max()
+    assert diff < 1e-4, f"teacher-forced logits vs one HF forward: max |diff| {diff:.3g}"
+
+
+def test_make_engine_builds_fast():
+    engine = make_engine("fast", tiny_lm(), max_seq=32)
+    assert isinstance(engine, FastEngine) and engine.name == "fast" and engine.warmup_ms == 0.0
+
+
+def test_warmup_is_counted_and_leaves_engine_usable():
+    lm = tiny_lm()
+    fast = FastEngine(lm, max_batch=2, max_seq=32, kv_bucket=8)
+    fast.warmup(6, 5, batch_sizes=[1, 2])
+    assert fast.warmup_ms > 0
+    _, hf_out = run(HFEngine(lm), prompts([6]), new_tokens=5)
+    _, out = run(fast, prompts([6]), new_tokens=5)
+    assert out.tokens.tolist() == hf_out.tokens.tolist()
+
+
+def test_works_under_inference_mode():
+    lm = tiny_lm()
+    fast = FastEngine(lm, max_seq=32)
+    _, ref = run(fast, prompts([6]))
+    with torch.inference_mode():
+        _, out = run(fast, prompts([6]))
+    assert out.tokens.tolist() == ref.tokens.tolist()
+
+
+def test_bad_arguments_raise_value_error():
+    lm = tiny_lm()
+    fast = FastEngine(lm, max_batch=2, max_seq=16)
+    with pytest.raises(ValueError, match="exceeds max_seq=16"):
+        run(fast, prompts([17]))
+    with pytest.raises(ValueError, match="exceeds max_batch=2"):
+        run(fast, prompts([4, 4, 4]))
+    embeds, mask = stack_left_padded(prompts([10]))
+    with pytest.raises(ValueError, match="more than max_seq=16"):
+        fast.decode(fast.prefill(embeds, mask), 8, None)
+    with pytest.raises(ValueError, match=r"must be \[B, S, 64\]"):
+        fast.prefill(torch.zeros(1, 4, 32), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        fast.prefill(torch.zeros(1, 4, HIDDEN), torch.ones(1, 5))
+    with pytest.raises(ValueError, match="float32"):
+        fast.prefill(torch.zeros(1, 4, HIDDEN, dtype=torch.float64), torch.ones(1, 4))
+    pre = fast.prefill(embeds, mask)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fast.decode(pre, 0, None)
+    fast.decode(pre, 3, None)
+    with pytest.raises(ValueError, match="stale"):
+        fast.decode(pre, 3, None)
+    with pytest.raises(ValueError, match="kv_bucket"):
+        FastEngine(lm, kv_bucket=0)
+
+
+def test_unsupported_models_raise_value_error():
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        FastEngine(tiny_lm(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match="hidden_act"):
+        FastEngine(tiny_lm(hidden_act="gelu"))
+
+
+@pytest.mark.slow
+def test_compiled_path_on_cpu_matches_hf():
+    """The torch.compile path (matvec reductions included) without CUDA graphs."""
+    lm = tiny_lm(**GQA)
+    rows = prompts([7, 12])
+    _, hf_out = run(HFEngine(lm), rows)
+    fast = FastEngine(lm, max_batch=2, max_seq=40, kv_bucket=8, compile=True, matvec=True)
+    _, out = run(fast, rows)
+    assert out.tokens.tolist() == hf_out.tokens.tolist()
+    _, hf1 = run(HFEngine(lm), rows[:1])
+    _, out1 = run(fast, rows[:1])  # batch 1: the matvec path
+    assert out1.tokens.tolist() == hf1.tokens.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: compile + CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["mha", "gqa"])
+def test_cuda_graph_engine_matches_hf_fp32(variant):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lm = tiny_lm(**VARIANTS[variant]).cuda()
+    rows = [r.cuda() for r in prompts([7, 30, 3])]
+    hf_pre, hf_out = run(HFEngine(lm), rows, new_tokens=24)
+    fast = FastEngine(lm, max_batch=4, max_seq=64, kv_bucket=16)  # crosses bucket 32 -> 48 -> 64
+    fast.warmup(30, 24, batch_sizes=[3, 1])
+    assert len(fast._graphs) >= 3, fast._graphs.keys()
+    # prefill graphs: [3, 30] plain and left-padded, [1, 30]; other shapes run uncaptured
+    assert set(fast._prefill_graphs) == {(3, 30, False), (3, 30, True), (1, 30, False)}
+    fast_pre, fast_out = run(fast, rows, new_tokens=24)
+    assert_logits_close(fast_pre.logits, hf_pre.logits, tol=1e-3)
+    assert fast_out.tokens.tolist() == hf_out.tokens.tolist()
+    for b, row in enumerate(rows):
+        _, single = run(fast, [row], new_tokens=24)
+        _, hf_single = run(HFEngine(lm), [row], new_tokens=24)
+        assert single.tokens.tolist() == hf_single.tokens.tolist(), f"row {b}"
+    assert len(fast_out.step_ms) == 23 and all(ms > 0 for ms in fast_out.step_ms)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_adds_no_weight_memory():
+    lm = tiny_lm(hidden_size=256, intermediate_size=512).cuda().to(torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    fast = FastEngine(lm, max_batch=1, max_seq=32, compile=False, cuda_graphs=False)
+    cache = 2 * fast.k_cache.numel() * fast.k_cache.element_size()
+    buffers = sum(t.numel() * t.element_size() for t in fast.buf) + sum(
+        t.numel() * t.element_size() for t in fast.rope_table)
+    extra = torch.cuda.memory_allocated() - before - cache - buffers
+    assert extra <= 64 * 1024, f"engine added {extra} bytes beyond its cache and buffers"
