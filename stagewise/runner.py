@@ -52,6 +52,7 @@ class RunConfig:
         window: window streams of >= 100 ms to their first 100 ms instead of refusing them.
         gpu_preprocess: stage 2 with torch on the device.
         fuse_vision: EventGPT's pool-before-linear vision path.
+        vision_graph: EventGPT's stage 3 replayed from a CUDA graph (CUDA only).
         measure_ceilings: measure copy bandwidth and bf16 matmul rate (CUDA) for the floors.
     """
 
@@ -68,6 +69,7 @@ class RunConfig:
     window: bool = False
     gpu_preprocess: bool = False
     fuse_vision: bool = False
+    vision_graph: bool = False
     measure_ceilings: bool = True
     tokenizer: str | None = None
     vision_tower: str | None = None
@@ -103,7 +105,7 @@ class BatchResult:
 
 def configure_model(model: Any, cfg: RunConfig) -> None:
     """Apply run options the model family understands (EventGPT: window, GPU stage 2, fused vision)."""
-    for name in ("window", "gpu_preprocess", "fuse_vision"):
+    for name in ("window", "gpu_preprocess", "fuse_vision", "vision_graph"):
         if hasattr(model, name):
             setattr(model, name, getattr(cfg, name))
 

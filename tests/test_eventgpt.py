@@ -120,3 +120,23 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(InputError, match="EventChat_llama"):
         from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.gpu
+def test_vision_cuda_graph_equals_eager_on_gpu():
+    from stagewise.models.eventgpt import build_random
+
+    model = build_random("eventgpt-tiny", device="cuda", dtype=torch.bfloat16)
+    model.fuse_vision = True
+    prep = _prepared(model)
+    prep.pixel_values = prep.pixel_values.to("cuda", torch.bfloat16)
+    eager = model.encode_vision(prep)
+    model.vision_graph = True
+    first = model.encode_vision(prep)  # captures
+    prep.pixel_values = prep.pixel_values.flip(0).contiguous()  # new data, same shape: replayed
+    again = model.encode_vision(prep)
+    model.vision_graph = False
+    eager2 = model.encode_vision(prep)
+    assert torch.equal(first, eager), (first - eager).abs().max()
+    assert torch.equal(again, eager2), (again - eager2).abs().max()
+    assert len(model._vision_graphs) == 1
