@@ -125,6 +125,10 @@ def _run_config(args: argparse.Namespace, preset: str | None) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``stagewise run``: measure the samples, write the run directory, print the stage table.
+
+    Returns 0, or 1 when every sample failed.
+    """
     from rich.console import Console
     from tqdm import tqdm
 
@@ -157,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``stagewise verify``: fused vs decoupled greedy ids per sample; 0 when all are identical, else 1."""
     from rich.console import Console
     from rich.table import Table
 
@@ -193,6 +198,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    """``stagewise render``: write the event images of ``--events`` as PNGs; prints their paths."""
     from stagewise import events as ev
     from stagewise.render import save_event_pngs
 
@@ -212,6 +218,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``stagewise report``: re-render ``report.md`` and the plot of a run directory."""
     from stagewise.report import write_report
 
     print(write_report(args.run_dir))
@@ -219,6 +226,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``stagewise compare``: pair run directories by sample id; write compare.md/.json/.png."""
     from stagewise.compare import compare_runs, write_compare
 
     result = compare_runs(args.run_dirs)
@@ -229,6 +237,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
+    """``stagewise make-dataset``: one seeds-style dataset from event files and/or the built-in scene."""
     from stagewise import events as ev
     from stagewise.dataset import build_dataset
     from stagewise.simulate import moving_edge_events
@@ -245,6 +254,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="stagewise", description="Stage-resolved inference of multimodal LLMs on event streams and video.")
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the benchmark / inference job (default: tiny EventGPT on the built-in scene)")

@@ -83,6 +83,7 @@ class SPTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Pieces + added tokens (the LM's embedding rows must be at least this many)."""
         return max([self.sp.get_piece_size() - 1, *self.added.values()]) + 1
 
     def add_tokens(self, tokens: list[str]) -> None:

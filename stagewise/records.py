@@ -114,6 +114,7 @@ class SampleWriter:
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
+        """Close the file (records already written are on disk)."""
         self._fh.close()
 
     def __enter__(self) -> "SampleWriter":

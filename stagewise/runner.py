@@ -93,6 +93,7 @@ class RunConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
         return getattr(torch, self.dtype)
 
 

@@ -84,6 +84,7 @@ class StepTimer:
         self._marks: list = []
 
     def mark(self) -> None:
+        """Record a step boundary now (a CUDA event on the current stream; no sync)."""
         if not self.enabled:
             return
         if self.device.type == "cuda":

@@ -40,6 +40,7 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
+        """Both paths produced the same ids, of the same length."""
         return self.first_diff is None and len(self.fused) == len(self.decoupled)
 
 

@@ -212,14 +212,17 @@ class EventGPT(nn.Module):
     # -- attributes of the protocol -------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Device of the weights."""
         return self.lm.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Compute dtype of the weights."""
         return self.lm.lm_head.weight.dtype
 
     @property
     def eos_token_id(self) -> int:
+        """The tokenizer's EOS id (LLaMA: 2)."""
         return self.tokenizer.eos_token_id
 
     @property
@@ -359,6 +362,7 @@ class EventGPT(nn.Module):
         return hf_generate(self.lm, embeds, max_new_tokens, eos_token_id)
 
     def decode_text(self, ids: list[int]) -> str:
+        """Generated ids -> text (special tokens skipped)."""
         return self.tokenizer.decode(ids)
 
     def describe(self) -> dict[str, Any]:
