@@ -140,3 +140,26 @@ def test_vision_cuda_graph_equals_eager_on_gpu():
     assert torch.equal(first, eager), (first - eager).abs().max()
     assert torch.equal(again, eager2), (again - eager2).abs().max()
     assert len(model._vision_graphs) == 1
+
+
+def test_png_frames_of_different_sizes_on_the_torch_path(tiny_eventgpt, tmp_path):
+    """Pre-rendered frames need not share a size: the torch stage-2 path equals the CPU one."""
+    import numpy as np
+    from PIL import Image
+
+    from stagewise.models.base import Sample
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, (h, w) in enumerate([(48, 64), (50, 60), (48, 64), (40, 70), (48, 64)]):
+        paths.append(tmp_path / f"f{k}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    loaded = tiny_eventgpt.load(Sample("s", "q?", event_image_paths=paths))
+    cpu = tiny_eventgpt.preprocess(loaded, "q?").pixel_values
+    tiny_eventgpt.gpu_preprocess = True
+    try:
+        torch_path = tiny_eventgpt.preprocess(loaded, "q?").pixel_values
+    finally:
+        tiny_eventgpt.gpu_preprocess = False
+    assert torch_path.shape == (5, 3, 336, 336)
+    assert torch.equal(cpu, torch_path), (cpu - torch_path).abs().max()

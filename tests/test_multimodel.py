@@ -68,3 +68,15 @@ def test_verify_video_models(dataset, preset, capsys):
     tok = str(require(LLAMA_TOKENIZER))
     assert main(["verify", "--preset", preset, "--tokenizer", tok, "--dataset", str(dataset), "--limit", "1", "--max-new-tokens", "8"]) == 0
     assert "1/1 samples identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["video-llava-tiny", "llava-1.5-tiny"])
+def test_fast_engine_serves_the_frame_models(dataset, preset, tmp_path):
+    """One engine for the LLaMA decoders of all three families: fast (batched) == hf (batch 1)."""
+    tok = str(require(LLAMA_TOKENIZER))
+    common = ["--preset", preset, "--tokenizer", tok, "--dataset", str(dataset), "--input-format", "png", "--no-ceilings", "--output-len", "fixed:5"]
+    assert main(["run", *common, "--engine", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["run", *common, "--engine", "fast", "--batch-size", "2", "--out", str(tmp_path / "fast")]) == 0
+    hf = [r.output_ids for r in read_samples(tmp_path / "hf" / "samples.jsonl")]
+    fast = [r.output_ids for r in read_samples(tmp_path / "fast" / "samples.jsonl")]
+    assert hf == fast and len(hf) == 3

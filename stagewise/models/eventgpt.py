@@ -280,9 +280,11 @@ class EventGPT(nn.Module):
         else:
             frames = loaded.frames
             shapes["load.frames"] = [len(frames), *frames[0].shape]
-            if self.gpu_preprocess:
+            if self.gpu_preprocess and len({f.shape for f in frames}) == 1:
                 imgs = torch.from_numpy(np.stack(frames)).to(self.device, non_blocking=True)
                 pixels = pp.clip_preprocess_torch(imgs, self.image_size, dtype=self.dtype)
+            elif self.gpu_preprocess:  # frames of different sizes: one resize per frame
+                pixels = torch.cat([pp.clip_preprocess_torch(torch.from_numpy(f[None]).to(self.device), self.image_size, dtype=self.dtype) for f in frames])
             else:
                 pixels = pp.clip_preprocess(frames, self.image_size)
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
