@@ -37,7 +37,16 @@ import numpy as np
 from stagewise import STAGES
 from stagewise.errors import InputError
 from stagewise.records import SampleRecord, write_json
-from stagewise.report import MIB, flatten_config, fmt_count, fmt_num, fmt_pct, load_run, md_table, plot_stage_shares
+from stagewise.report import (
+    MIB,
+    flatten_config,
+    fmt_count,
+    fmt_num,
+    fmt_pct,
+    load_run,
+    md_table,
+    plot_stage_shares,
+)
 
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"

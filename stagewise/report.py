@@ -453,7 +453,9 @@ def plot_stage_shares(summary_or_list: dict[str, Any] | Sequence[dict[str, Any]]
     Raises:
         ValueError: no summaries, or ``labels`` of the wrong length.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global state, no display needed
+    )
 
     items = [summary_or_list] if isinstance(summary_or_list, dict) else list(summary_or_list)
     if not items:

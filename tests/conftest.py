@@ -29,6 +29,20 @@ def tiny_eventgpt():
     return build_random("eventgpt-tiny", device="cpu", dtype=torch.float32, seed=0)
 
 
+def decoupled(model, prepared, n: int, eos: int | None) -> tuple[list[int], int]:
+    """The decoupled path by hand: encode_vision once -> build_inputs_embeds -> HFEngine.
+
+    Returns ``(greedy ids, number of tokens)``.
+    """
+    from stagewise.engine.hf import HFEngine
+
+    vision = model.encode_vision(prepared)
+    emb = model.build_inputs_embeds(prepared, vision)[None]  # [1, S, D]
+    eng = HFEngine(model.lm)
+    out = eng.decode(eng.prefill(emb, torch.ones(emb.shape[:2], dtype=torch.long)), n, eos)
+    return out.tokens[0, : out.n_tokens[0]].tolist(), out.n_tokens[0]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

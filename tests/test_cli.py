@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_NPY, require
+
 from stagewise.cli import main
 
 

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from stagewise import STAGES
-from stagewise.compare import bootstrap_geomean_ratio, compare_runs, config_diff, render_compare_markdown, write_compare
+from stagewise.compare import (
+    bootstrap_geomean_ratio,
+    compare_runs,
+    config_diff,
+    render_compare_markdown,
+    write_compare,
+)
 from stagewise.errors import InputError
 from stagewise.records import SampleRecord, write_json
 from stagewise.summary import summarize

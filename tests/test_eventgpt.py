@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from stagewise.engine.hf import HFEngine
 from stagewise.engine.base import stack_left_padded
+from stagewise.engine.hf import HFEngine
 from stagewise.errors import InputError
 from stagewise.models.base import Prepared
 from stagewise.models.eventgpt import (
@@ -18,7 +18,12 @@ from stagewise.models.eventgpt import (
     save_checkpoint,
     spatio_temporal_pool,
 )
-from stagewise.prompt import DEFAULT_QUERY, EVENT_TOKEN_INDEX, eventgpt_prompt, tokenize_with_placeholder
+from stagewise.prompt import (
+    DEFAULT_QUERY,
+    EVENT_TOKEN_INDEX,
+    eventgpt_prompt,
+    tokenize_with_placeholder,
+)
 
 
 def _prepared(model, seed=0):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
+
 from stagewise.errors import InputError
 from stagewise.events import (
     EVENT_DTYPE,
@@ -23,8 +23,6 @@ from stagewise.events import (
     write_events,
 )
 from stagewise.simulate import moving_edge_events
-
-
 
 
 def make_events(t, x=None, y=None, p=None) -> np.ndarray:

@@ -4,16 +4,15 @@ decoupled == fused greedy tokens, the shared LM, input fallbacks, a saved tiny c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import LLAMA_TOKENIZER, decoupled
 from PIL import Image
 
-from stagewise.engine.hf import HFEngine
 from stagewise.errors import InputError
 from stagewise.models import llava
 from stagewise.models.base import MultimodalModel, Prepared, Sample
@@ -21,13 +20,7 @@ from stagewise.models.base import MultimodalModel, Prepared, Sample
 QUERY = "What are the key elements in this scene?"
 
 
-def shared_tokenizer() -> Path | None:
-    root = os.environ.get("STAGEWISE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-    p = Path(root) / "tokenizers" / "llama2" / "tokenizer.model"
-    return p if p.is_file() else None
-
-
-TOKENIZER = shared_tokenizer()
+TOKENIZER = LLAMA_TOKENIZER if LLAMA_TOKENIZER.is_file() else None
 pytestmark = pytest.mark.skipif(TOKENIZER is None, reason="LLaMA-2 tokenizer.model not in the shared data")
 
 
@@ -58,15 +51,6 @@ def image(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(model, image) -> Prepared:
     return model.preprocess(model.load(Sample("s0", QUERY, image_path=image)), QUERY)
-
-
-def decoupled(model, prepared: Prepared, n: int, eos: int | None) -> tuple[list[int], int]:
-    """encode_vision once -> build_inputs_embeds -> HFEngine prefill + decode."""
-    vision = model.encode_vision(prepared)
-    emb = model.build_inputs_embeds(prepared, vision)[None]  # [1, S, D]
-    eng = HFEngine(model.lm)
-    out = eng.decode(eng.prefill(emb, torch.ones(emb.shape[:2], dtype=torch.long)), n, eos)
-    return out.tokens[0, : out.n_tokens[0]].tolist(), out.n_tokens[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import LLAMA_TOKENIZER, require
+
 from stagewise.cli import main
 from stagewise.data import dataset_samples
 from stagewise.records import read_samples

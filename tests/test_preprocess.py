@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
+
 from stagewise.events import read_events
 from stagewise.preprocess import (
     CLIP_MEAN,
@@ -19,8 +18,6 @@ from stagewise.preprocess import (
 )
 from stagewise.render import render_event_images, render_event_images_torch
 from stagewise.simulate import moving_edge_events
-
-
 
 
 def diff_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -49,7 +46,11 @@ def scene_images() -> list[np.ndarray]:
 
 
 def test_constants_and_processor_settings():
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+    from transformers.image_utils import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        PILImageResampling,
+    )
 
     assert tuple(CLIP_MEAN) == tuple(OPENAI_CLIP_MEAN) and tuple(CLIP_STD) == tuple(OPENAI_CLIP_STD)
     proc = clip_image_processor()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import LLAMA_TOKENIZER, require
+
 from stagewise.errors import InputError
 from stagewise.prompt import (
     DEFAULT_QUERY,

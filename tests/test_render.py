@@ -7,13 +7,22 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
-from stagewise.events import EVENT_DTYPE, EventStream, read_event_frames, read_events, split_equal_count
-from stagewise.render import render_event_image, render_event_images, render_event_images_torch, save_event_pngs
+
+from stagewise.events import (
+    EVENT_DTYPE,
+    EventStream,
+    read_event_frames,
+    read_events,
+    split_equal_count,
+)
+from stagewise.render import (
+    render_event_image,
+    render_event_images,
+    render_event_images_torch,
+    save_event_pngs,
+)
 from stagewise.simulate import moving_edge_events
-
-
 
 
 def reference_image(part: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from stagewise.errors import InputError
 from stagewise.models.base import Prepared, Sample

@@ -39,6 +39,7 @@ import torch
 
 from stagewise.errors import InputError
 from stagewise.models.base import Prepared, Sample
+from stagewise.preprocess import CLIP_MEAN, CLIP_STD
 from stagewise.video import read_image, read_middle_frame
 
 LLAVA_PROMPT = "USER: <image>\n{query} ASSISTANT:"
@@ -637,8 +638,8 @@ def llava_image_processor(image_size: int) -> Any:
     return CLIPImageProcessorPil(
         do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
         crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True,
+        do_normalize=True, image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD), do_convert_rgb=True,
     )
 
 

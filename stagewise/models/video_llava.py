@@ -46,6 +46,7 @@ from stagewise.models.llava import (
     text_config,
     vision_config,
 )
+from stagewise.preprocess import CLIP_MEAN, CLIP_STD
 from stagewise.video import DEFAULT_N_FRAMES, read_frame_files, read_video_frames
 
 VIDEO_LLAVA_PROMPT = "USER: <video>\n{query} ASSISTANT:"
@@ -72,8 +73,8 @@ def video_llava_image_processor(image_size: int = 224) -> Any:
     return VideoLlavaImageProcessor(
         do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
         crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True,
+        do_normalize=True, image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD), do_convert_rgb=True,
     )
 
 
