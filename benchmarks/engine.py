@@ -79,6 +79,7 @@ def configure(model, mode: str) -> None:
     model.fuse_vision = fast
     model.vision_batch = fast
     model.vision_graph = fast
+    model.vision_compile = fast
 
 
 def main(argv: list[str] | None = None) -> dict:

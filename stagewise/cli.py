@@ -44,8 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fast-stages", action="store_true", help="all stage 2/3 speed paths: --gpu-preprocess --fuse-vision --vision-graph")
+    g.add_argument("--fast-stages", action="store_true", help="all stage 2/3 speed paths: --gpu-preprocess --fuse-vision --vision-graph --vision-compile")
     g.add_argument("--vision-graph", action="store_true", help="EventGPT: replay stage 3 from a CUDA graph (CUDA only)")
+    g.add_argument("--vision-compile", action="store_true", help="EventGPT: the CLIP tower through one compiled layer function")
     g.add_argument("--gpu-preprocess", action="store_true", help="stage 2 (event rendering, CLIP resize/normalize) with torch on the device")
     g.add_argument("--fuse-vision", action="store_true", help="EventGPT: pool before the projector's second linear (same function, fewer FLOPs)")
     i = p.add_argument_group("inputs (none: the built-in simulated scene)")
@@ -115,6 +116,7 @@ def _run_config(args: argparse.Namespace, preset: str | None) -> Any:
         gpu_preprocess=args.gpu_preprocess or args.fast_stages,
         fuse_vision=args.fuse_vision or args.fast_stages,
         vision_graph=args.vision_graph or args.fast_stages,
+        vision_compile=args.vision_compile or args.fast_stages,
         measure_ceilings=not getattr(args, "no_ceilings", False),
         tokenizer=args.tokenizer,
         vision_tower=args.vision_tower,

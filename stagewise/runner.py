@@ -53,6 +53,7 @@ class RunConfig:
         gpu_preprocess: stage 2 with torch on the device.
         fuse_vision: EventGPT's pool-before-linear vision path.
         vision_graph: EventGPT's stage 3 replayed from a CUDA graph (CUDA only).
+        vision_compile: EventGPT's tower through one compiled layer function.
         measure_ceilings: measure copy bandwidth and bf16 matmul rate (CUDA) for the floors.
     """
 
@@ -70,6 +71,7 @@ class RunConfig:
     gpu_preprocess: bool = False
     fuse_vision: bool = False
     vision_graph: bool = False
+    vision_compile: bool = False
     measure_ceilings: bool = True
     tokenizer: str | None = None
     vision_tower: str | None = None
@@ -106,7 +108,7 @@ class BatchResult:
 
 def configure_model(model: Any, cfg: RunConfig) -> None:
     """Apply run options the model family understands (EventGPT: window, GPU stage 2, fused vision)."""
-    for name in ("window", "gpu_preprocess", "fuse_vision", "vision_graph"):
+    for name in ("window", "gpu_preprocess", "fuse_vision", "vision_graph", "vision_compile"):
         if hasattr(model, name):
             setattr(model, name, getattr(cfg, name))
 

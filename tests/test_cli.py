@@ -82,3 +82,10 @@ def test_long_stream_refused_then_windowed(tmp_path, capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "stagewise", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "verify" in r.stdout and "compare" in r.stdout
+
+
+def test_fast_engine_and_fast_stages_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--engine", "fast", "--fast-stages", "--num-samples", "2", "--batch-size", "2", "--output-len", "fixed:3", "--out", str(out), "--no-ceilings"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["engine"] == "fast" and cfg["architecture"]["vision_compile"] and cfg["architecture"]["gpu_preprocess"]

@@ -168,3 +168,38 @@ def test_png_frames_of_different_sizes_on_the_torch_path(tiny_eventgpt, tmp_path
         tiny_eventgpt.gpu_preprocess = False
     assert torch_path.shape == (5, 3, 336, 336)
     assert torch.equal(cpu, torch_path), (cpu - torch_path).abs().max()
+
+
+def test_fast_clip_tower_equals_transformers(tiny_eventgpt):
+    """The one-function CLIP layer computes what transformers' encoder computes (fp32, eager)."""
+    from stagewise.models.clip_fast import FastClipTower
+
+    px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    ref = tiny_eventgpt.visual_tower(pixel_values=px).last_hidden_state
+    got = FastClipTower(tiny_eventgpt.visual_tower, compile=False)(px)
+    assert got.shape == ref.shape == (2, 577, 32)
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, f"max |diff| {err}"
+    again = tiny_eventgpt.visual_tower(pixel_values=px).last_hidden_state  # HF tower unchanged
+    assert torch.equal(again, ref)
+    tiny_eventgpt.vision_compile = True
+    try:
+        prep = _prepared(tiny_eventgpt)
+        fast_v = tiny_eventgpt.encode_vision(prep)
+    finally:
+        tiny_eventgpt.vision_compile = False
+    slow_v = tiny_eventgpt.encode_vision(prep)
+    assert (fast_v - slow_v).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_compiled_clip_tower_on_gpu_is_close_to_transformers():
+    from stagewise.models.clip_fast import FastClipTower
+    from stagewise.models.eventgpt import build_random
+
+    model = build_random("eventgpt-tiny", device="cuda", dtype=torch.bfloat16)
+    px = torch.randn(5, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    ref = model.visual_tower(pixel_values=px).last_hidden_state.float()
+    got = FastClipTower(model.visual_tower)(px).float()  # compiled on CUDA
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, f"relative L2 difference {rel} (bf16 rounding is ~4e-3)"

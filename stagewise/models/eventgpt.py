@@ -188,6 +188,8 @@ class EventGPT(nn.Module):
         vision_batch: all frames through the tower in one call (default); ``False`` runs
             the seeds' one-call-per-frame loop (kept for side-by-side numbers).
         vision_graph: on CUDA, replay stage 3 from a captured CUDA graph (no launch gaps).
+        vision_compile: run the tower through :mod:`stagewise.models.clip_fast` (one compiled
+            layer function for all layers; eager on CPU).
     """
 
     name = "eventgpt"
@@ -211,6 +213,8 @@ class EventGPT(nn.Module):
         self.fuse_vision = False
         self.vision_batch = True
         self.vision_graph = False
+        self.vision_compile = False
+        self._fast_tower: Any = None
         self._vision_graphs: dict[tuple, tuple] = {}
         self.sensor_size: tuple[int, int] | None = None
         self.preset = "custom"
@@ -317,7 +321,13 @@ class EventGPT(nn.Module):
         return self._vision(px)
 
     def _vision(self, px: torch.Tensor) -> torch.Tensor:
-        if self.vision_batch:
+        if self.vision_compile and self.vision_batch:
+            if self._fast_tower is None:
+                from stagewise.models.clip_fast import FastClipTower
+
+                self._fast_tower = FastClipTower(self.visual_tower)
+            feats = self._fast_tower(px)  # [T, 577, d_v]
+        elif self.vision_batch:
             feats = self.visual_tower(pixel_values=px).last_hidden_state  # [T, 577, d_v]
         else:  # the seeds' loop: one tower call per frame
             feats = torch.cat([self.visual_tower(pixel_values=px[t : t + 1]).last_hidden_state for t in range(px.shape[0])])
@@ -331,7 +341,7 @@ class EventGPT(nn.Module):
 
     def _vision_replay(self, px: torch.Tensor) -> torch.Tensor:
         """Stage 3 from a CUDA graph keyed by (shape, dtype, fused): one launch, no gaps."""
-        key = (tuple(px.shape), px.dtype, self.fuse_vision)
+        key = (tuple(px.shape), px.dtype, self.fuse_vision, self.vision_compile)
         entry = self._vision_graphs.get(key)
         if entry is None:
             static_in = px.clone()
@@ -388,6 +398,7 @@ class EventGPT(nn.Module):
             "tokenizer": str(self.tokenizer.model_file),
             "fuse_vision": self.fuse_vision,
             "vision_graph": self.vision_graph,
+            "vision_compile": self.vision_compile,
             "gpu_preprocess": self.gpu_preprocess,
         }
 
