@@ -144,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset or family}-{cfg.engine}"
     if cfg.weights == "random":
         console.print("[yellow]random weights: the generated text is meaningless; the timings are what this run is for.[/yellow]")
+        if preset and preset.endswith("-7b") and family == "eventgpt" and cfg.tokenizer is None:
+            console.print("[yellow]no --tokenizer: using the tiny tokenizer shipped with stagewise; prompt lengths differ from LLaMA-2's.[/yellow]")
     console.print(f"stagewise run: {len(samples)} sample(s) x {cfg.repeats} repeat(s), {preset or cfg.weights}, engine {cfg.engine}, {cfg.device}/{cfg.dtype} -> {out}")
     bar = tqdm(total=len(samples) * cfg.repeats, unit="sample", desc="measuring", leave=False)
 
@@ -231,7 +233,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``stagewise compare``: pair run directories by sample id; write compare.md/.json/.png."""
     from stagewise.compare import compare_runs, write_compare
 
-    result = compare_runs(args.run_dirs)
+    result = compare_runs(args.run_dirs, n_boot=args.n_boot, seed=args.seed)
     paths = write_compare(result, args.out)
     for p in paths:
         print(p)
@@ -295,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="compare run directories stage by stage")
     c.add_argument("run_dirs", type=Path, nargs="+")
     c.add_argument("--out", type=Path, default=Path("compare"))
+    c.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the ratio CIs (default 2000)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.set_defaults(func=cmd_compare)
     return p
 
