@@ -160,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = json.loads((out / "config.json").read_text())
     print_summary_table(summary, config, console)
+    from stagewise.records import read_samples
+
+    for rec in read_samples(out / "samples.jsonl"):
+        if not rec.ok:
+            console.print(f"[red]failed[/red] {rec.sample_id}: {rec.error}", markup=True, highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}  (report: {out / 'report.md'})")
     return 0 if summary["n_failed"] < summary["n_samples"] else 1
 
