@@ -626,6 +626,16 @@ LLAVA_IMAGE_TOKEN_ID = 32000
 LLAVA_PAD_TOKEN_ID = 32001
 
 
+def clip_processor_kwargs(image_size: int) -> dict[str, Any]:
+    """The CLIP preprocessing settings both frame models' processors share: shortest edge
+    ``image_size`` (bicubic), center crop, rescale 1/255, OpenAI CLIP mean/std, RGB."""
+    return dict(
+        do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+    )
+
+
 def llava_image_processor(image_size: int) -> Any:
     """CLIP image processor with llava-1.5-7b-hf's settings, PIL backend.
 
@@ -635,12 +645,7 @@ def llava_image_processor(image_size: int) -> Any:
     """
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(
-        do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD), do_convert_rgb=True,
-    )
+    return CLIPImageProcessorPil(**clip_processor_kwargs(image_size))
 
 
 class LlavaModel(LlavaFamilyModel):

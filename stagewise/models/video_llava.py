@@ -41,12 +41,12 @@ from stagewise.models.llava import (
     build_llama_tokenizer,
     build_random_hf,
     check_checkpoint_folder,
+    clip_processor_kwargs,
     get_preset,
     load_pretrained_hf,
     text_config,
     vision_config,
 )
-from stagewise.preprocess import CLIP_MEAN, CLIP_STD
 from stagewise.video import DEFAULT_N_FRAMES, read_frame_files, read_video_frames
 
 VIDEO_LLAVA_PROMPT = "USER: <video>\n{query} ASSISTANT:"
@@ -70,12 +70,7 @@ def video_llava_image_processor(image_size: int = 224) -> Any:
         VideoLlavaImageProcessor,
     )
 
-    return VideoLlavaImageProcessor(
-        do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD), do_convert_rgb=True,
-    )
+    return VideoLlavaImageProcessor(**clip_processor_kwargs(image_size))
 
 
 class VideoLlavaModel(LlavaFamilyModel):
