@@ -67,12 +67,15 @@ class FastClipTower:
     Args:
         tower: the HF ``CLIPVisionModel`` (quick-GELU activation).
         compile: ``torch.compile`` the layer function (default: on CUDA).
+        compile_mode: ``torch.compile`` mode (default: the default mode).
+        sdpa_backend: force one SDPA backend (``"flash"``, ``"efficient"``, ``"cudnn"``,
+            ``"math"``); default: PyTorch's choice.
 
     Raises:
         ValueError: the tower's activation is not quick-GELU.
     """
 
-    def __init__(self, tower: Any, compile: bool | None = None) -> None:
+    def __init__(self, tower: Any, compile: bool | None = None, compile_mode: str | None = None, sdpa_backend: str | None = None) -> None:
         vm = getattr(tower, "vision_model", tower)  # transformers 4.x nests, 5.x does not
         cfg = tower.config
         if cfg.hidden_act != "quick_gelu":
@@ -90,13 +93,25 @@ class FastClipTower:
                 m.fc1.weight.detach(), m.fc1.bias.detach(), m.fc2.weight.detach(), m.fc2.bias.detach(),
             ))
         on_cuda = self.layers[0].wqkv.is_cuda
-        self.block = torch.compile(clip_block, fullgraph=True, dynamic=False) if (on_cuda if compile is None else compile) else clip_block
+        do_compile = on_cuda if compile is None else compile
+        self.block = torch.compile(clip_block, fullgraph=True, dynamic=False, mode=compile_mode) if do_compile else clip_block
+        self.sdpa_backend = sdpa_backend
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[T, 3, H, W]`` pixels -> ``[T, S, d]`` encoder output (model dtype)."""
         # Compiled artifacts are keyed on inference mode: always run outside it, without autograd.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), self._backend():
             x = self.pre_ln(self.embeddings(pixel_values.clone()))
             for w in self.layers:
                 x = self.block(x, w, self.heads, self.eps)
         return x
+
+    def _backend(self) -> Any:
+        from contextlib import nullcontext
+
+        if self.sdpa_backend is None:
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+        return sdpa_kernel([names[self.sdpa_backend]])

@@ -1,0 +1,69 @@
+"""Stage-3 variants of the compiled CLIP tower (SDPA backend, compile mode), each timed as a
+CUDA-graph replay of the whole tower on 5 frames (EventGPT-7B shapes, bf16). Median of 50.
+
+Usage (GPU): ``python benchmarks/vision_variants.py``
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stagewise.models.clip_fast import FastClipTower  # noqa: E402
+from stagewise.models.eventgpt import build_random  # noqa: E402
+
+VARIANTS = [
+    ("hf eager (reference)", None),
+    ("compiled, default SDPA", dict()),
+    ("compiled, flash SDPA", dict(sdpa_backend="flash")),
+    ("compiled, efficient SDPA", dict(sdpa_backend="efficient")),
+    ("compiled, cudnn SDPA", dict(sdpa_backend="cudnn")),
+    ("compiled max-autotune-no-cudagraphs", dict(compile_mode="max-autotune-no-cudagraphs")),
+]
+
+
+def graph_time_ms(fn, x: torch.Tensor, reps: int = 50) -> tuple[float, torch.Tensor]:
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(x)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2], out.clone()
+
+
+def main() -> None:
+    model = build_random("eventgpt-7b", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(5, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
+    ref = None
+    for name, kw in VARIANTS:
+        t0 = time.perf_counter()
+        try:
+            if kw is None:
+                fn = lambda px: model.visual_tower(pixel_values=px).last_hidden_state  # noqa: E731
+            else:
+                fn = FastClipTower(model.visual_tower, **kw)
+            ms, out = graph_time_ms(fn, x)
+        except Exception as e:  # noqa: BLE001 - a variant may not run here; report and go on
+            print(f"{name:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        ref = out.float() if ref is None else ref
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        print(f"{name:40s} {ms:7.3f} ms   rel diff vs hf {rel:.2e}   (setup+compile {time.perf_counter() - t0:5.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
