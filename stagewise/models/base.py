@@ -61,11 +61,15 @@ class Prepared:
         input_ids: ``[S_text]`` int64 on the model device; the vision placeholder
             (``placeholder_id``) stands where the vision embeddings go.
         shapes: name -> shape list for the report's data-shape table.
+        placeholder_index: position of the vision placeholder in ``input_ids``, known on the
+            host at tokenization (so the splice in stage 4 needs no device-to-host read), or
+            ``None`` when the model finds it itself.
     """
 
     pixel_values: torch.Tensor
     input_ids: torch.Tensor
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    placeholder_index: int | None = None
 
 
 @runtime_checkable

@@ -302,7 +302,10 @@ class EventGPT(nn.Module):
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         shapes["preprocess.pixel_values"] = list(pixels.shape)
         shapes["preprocess.input_ids"] = [len(ids)]
-        return Prepared(pixels, input_ids, shapes)
+        where = [i for i, t in enumerate(ids) if t == EVENT_TOKEN_INDEX]
+        if len(where) != 1:
+            raise ValueError(f"prompt must hold exactly one vision placeholder {EVENT_TOKEN_INDEX}, found {len(where)}")
+        return Prepared(pixels, input_ids, shapes, placeholder_index=where[0])
 
     # -- stage 3 ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -370,7 +373,7 @@ class EventGPT(nn.Module):
         Raises:
             ValueError: the prompt holds no placeholder or more than one.
         """
-        return splice_embeddings(self.lm.get_input_embeddings(), prepared.input_ids, vision, EVENT_TOKEN_INDEX)
+        return splice_embeddings(self.lm.get_input_embeddings(), prepared.input_ids, vision, EVENT_TOKEN_INDEX, prepared.placeholder_index)
 
     # -- the fused reference ---------------------------------------------------------
     @torch.inference_mode()
@@ -421,16 +424,22 @@ def spatio_temporal_pool(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h.mean(dim=1), h.mean(dim=0)], dim=0)
 
 
-def splice_embeddings(embed: nn.Embedding, input_ids: torch.Tensor, vision: torch.Tensor, placeholder: int) -> torch.Tensor:
+def splice_embeddings(embed: nn.Embedding, input_ids: torch.Tensor, vision: torch.Tensor, placeholder: int, index: int | None = None) -> torch.Tensor:
     """Embed ``input_ids`` ``[S]`` and put ``vision`` ``[N_v, d]`` where ``placeholder`` stands.
 
+    Args:
+        index: the placeholder's position when the caller knows it on the host (no
+            device-to-host read then); ``None`` finds it in ``input_ids``.
+
     Raises:
-        ValueError: not exactly one placeholder in ``input_ids``.
+        ValueError: not exactly one placeholder in ``input_ids`` (when searched).
     """
-    where = (input_ids == placeholder).nonzero().flatten().tolist()
-    if len(where) != 1:
-        raise ValueError(f"prompt must hold exactly one vision placeholder {placeholder}, found {len(where)}")
-    k = where[0]
+    if index is None:
+        where = (input_ids == placeholder).nonzero().flatten().tolist()
+        if len(where) != 1:
+            raise ValueError(f"prompt must hold exactly one vision placeholder {placeholder}, found {len(where)}")
+        index = where[0]
+    k = index
     text = embed(input_ids.clamp_min(0))  # [S, d]
     return torch.cat([text[:k], vision.to(text.dtype), text[k + 1:]], dim=0)
 
