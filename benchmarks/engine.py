@@ -34,16 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stagewise.costmodel import kv_cache_bytes, llama_decode_step_bytes, llama_prefill_flops, measure_ceilings  # noqa: E402
+from stagewise.measure.costmodel import kv_cache_bytes, llama_decode_step_bytes, llama_prefill_flops, measure_ceilings  # noqa: E402
 from stagewise.engine.base import stack_left_padded  # noqa: E402
 from stagewise.engine.fast import FastEngine  # noqa: E402
 from stagewise.engine.hf import HFEngine  # noqa: E402
-from stagewise.env import environment  # noqa: E402
+from stagewise.measure.env import environment  # noqa: E402
 from stagewise.models.base import Sample  # noqa: E402
 from stagewise.models.eventgpt import build_random  # noqa: E402
-from stagewise.prompt import DEFAULT_QUERY  # noqa: E402
+from stagewise.preprocess.prompt import DEFAULT_QUERY  # noqa: E402
 from stagewise.runner import run_batch  # noqa: E402
-from stagewise.timing import device_sync  # noqa: E402
+from stagewise.measure.timing import device_sync  # noqa: E402
 
 TARGETS = {
     "decode_step_ms": ("decode step (ms/token)", "<= 5.0"),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         sample = Sample(args.events.stem, DEFAULT_QUERY, events_path=args.events)
         args.events.read_bytes()  # into the page cache
     else:
-        from stagewise.simulate import moving_edge_events
+        from stagewise.inputs.simulate import moving_edge_events
 
         sample = Sample("sim000", DEFAULT_QUERY, events=moving_edge_events(seed=0))
     n_new, R = args.new_tokens, args.repeats

@@ -19,10 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stagewise.costmodel import measure_ceilings  # noqa: E402
+from stagewise.measure.costmodel import measure_ceilings  # noqa: E402
 from stagewise.models.base import Sample  # noqa: E402
 from stagewise.models.eventgpt import build_random  # noqa: E402
-from stagewise.prompt import DEFAULT_QUERY  # noqa: E402
+from stagewise.preprocess.prompt import DEFAULT_QUERY  # noqa: E402
 
 
 def kernel_class(name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from stagewise.prompt import EVENTGPT_SYSTEM
+from stagewise.preprocess.prompt import EVENTGPT_SYSTEM
 
 CORPUS = [
     EVENTGPT_SYSTEM,

@@ -64,9 +64,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _samples(args: argparse.Namespace, family: str) -> list[Any]:
-    from stagewise import data
+    from stagewise.inputs import samples as data
     from stagewise.models.base import Sample
-    from stagewise.prompt import DEFAULT_QUERY
+    from stagewise.preprocess.prompt import DEFAULT_QUERY
 
     q = args.query or DEFAULT_QUERY
     fmt = args.input_format or data.DEFAULT_FORMAT[family]
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tqdm import tqdm
 
-    from stagewise.report import print_summary_table
+    from stagewise.results.report import print_summary_table
     from stagewise.runner import execute
 
     console = Console()
@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = json.loads((out / "config.json").read_text())
     print_summary_table(summary, config, console)
-    from stagewise.records import read_samples
+    from stagewise.results.records import read_samples
 
     for rec in read_samples(out / "samples.jsonl"):
         if not rec.ok:
@@ -200,7 +200,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     n_ok = sum(r.ok for r in results)
     console.print(f"{n_ok}/{len(results)} samples identical")
     if args.out:
-        from stagewise.records import write_json
+        from stagewise.results.records import write_json
 
         write_json(args.out, [r.__dict__ | {"ok": r.ok} for r in results])
     return 0 if n_ok == len(results) else 1
@@ -208,8 +208,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """``stagewise render``: write the event images of ``--events`` as PNGs; prints their paths."""
-    from stagewise import events as ev
-    from stagewise.render import save_event_pngs
+    from stagewise.inputs import events as ev
+    from stagewise.preprocess.render import save_event_pngs
 
     size = None
     if args.sensor_size:
@@ -228,7 +228,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``stagewise report``: re-render ``report.md`` and the plot of a run directory."""
-    from stagewise.report import write_report
+    from stagewise.results.report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -236,7 +236,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``stagewise compare``: pair run directories by sample id; write compare.md/.json/.png."""
-    from stagewise.compare import compare_runs, write_compare
+    from stagewise.results.compare import compare_runs, write_compare
 
     result = compare_runs(args.run_dirs, n_boot=args.n_boot, seed=args.seed)
     paths = write_compare(result, args.out)
@@ -247,9 +247,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     """``stagewise make-dataset``: one seeds-style dataset from event files and/or the built-in scene."""
-    from stagewise import events as ev
-    from stagewise.dataset import build_dataset
-    from stagewise.simulate import moving_edge_events
+    from stagewise.inputs import events as ev
+    from stagewise.inputs.dataset import build_dataset
+    from stagewise.inputs.simulate import moving_edge_events
 
     streams = {}
     for f in args.events or []:

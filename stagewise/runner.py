@@ -21,15 +21,15 @@ from typing import Any, Callable
 import torch
 
 from stagewise import STAGES
-from stagewise.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
+from stagewise.measure.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
 from stagewise.engine import make_engine
 from stagewise.engine.base import stack_left_padded
 from stagewise.errors import InputError
 from stagewise.models.base import Sample
-from stagewise.outlen import OutputLenPolicy, parse_output_len
-from stagewise.records import SampleRecord, SampleWriter, read_samples, write_json
-from stagewise.summary import summarize
-from stagewise.timing import StageClock, device_sync
+from stagewise.config import OutputLenPolicy, parse_output_len
+from stagewise.results.records import SampleRecord, SampleWriter, read_samples, write_json
+from stagewise.results.summary import summarize
+from stagewise.measure.timing import StageClock, device_sync
 
 STAGE_SUM_TOLERANCE = 0.02
 """Stage times must add up to the independently measured end-to-end time within 2 %."""
@@ -221,7 +221,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         InputError / ValueError: bad configuration or inputs (before anything runs).
         FileExistsError: ``run_dir`` holds samples and ``resume`` is False.
     """
-    from stagewise.env import environment
+    from stagewise.measure.env import environment
     from stagewise.models.registry import load_model
 
     run_dir = Path(run_dir)
@@ -310,7 +310,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         means = {k: sum(getattr(r, k) or 0 for r in ok) / len(ok) for k in ("n_prefill_tokens", "n_output_tokens", "batch_size", "n_images")}
         summary["floors"] = stage_floors(model, means, ceilings)
     write_json(run_dir / "summary.json", summary)
-    from stagewise.report import write_report
+    from stagewise.results.report import write_report
 
     write_report(run_dir)
     return summary

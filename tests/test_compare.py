@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stagewise import STAGES
-from stagewise.compare import (
+from stagewise.results.compare import (
     bootstrap_geomean_ratio,
     compare_runs,
     config_diff,
@@ -17,8 +17,8 @@ from stagewise.compare import (
     write_compare,
 )
 from stagewise.errors import InputError
-from stagewise.records import SampleRecord, write_json
-from stagewise.summary import summarize
+from stagewise.results.records import SampleRecord, write_json
+from stagewise.results.summary import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

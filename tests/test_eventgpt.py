@@ -18,7 +18,7 @@ from stagewise.models.eventgpt import (
     save_checkpoint,
     spatio_temporal_pool,
 )
-from stagewise.prompt import (
+from stagewise.preprocess.prompt import (
     DEFAULT_QUERY,
     EVENT_TOKEN_INDEX,
     eventgpt_prompt,

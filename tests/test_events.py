@@ -11,7 +11,7 @@ import pytest
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
 
 from stagewise.errors import InputError
-from stagewise.events import (
+from stagewise.inputs.events import (
     EVENT_DTYPE,
     EventStream,
     check_duration,
@@ -22,7 +22,7 @@ from stagewise.events import (
     split_equal_count,
     write_events,
 )
-from stagewise.simulate import moving_edge_events
+from stagewise.inputs.simulate import moving_edge_events
 
 
 def make_events(t, x=None, y=None, p=None) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_h5_window_matches_slice_and_reads_only_the_window(tmp_path, monkeypatch
 
 
 def test_h5_without_hdf5plugin_reads_uncompressed(tmp_path, scene, monkeypatch):
-    import stagewise.events as events_mod
+    import stagewise.inputs.events as events_mod
 
     monkeypatch.setattr(events_mod, "_import_hdf5plugin", lambda: False)
     path = write_events(tmp_path / "u.h5", scene)

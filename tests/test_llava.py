@@ -167,7 +167,7 @@ def test_lm_shares_the_multimodal_weights(model):
 
 
 def test_load_fallbacks_video_middle_frame_and_event_pngs(model, tmp_path):
-    from stagewise.video import write_mp4
+    from stagewise.inputs.video import write_mp4
 
     frames = np.stack([scene_frame(t) for t in range(9)])
     folder = tmp_path / "video"

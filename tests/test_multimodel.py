@@ -8,8 +8,8 @@ import pytest
 from conftest import LLAMA_TOKENIZER, require
 
 from stagewise.cli import main
-from stagewise.data import dataset_samples
-from stagewise.records import read_samples
+from stagewise.inputs.samples import dataset_samples
+from stagewise.results.records import read_samples
 
 pytest.importorskip("av")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
 
-from stagewise.events import read_events
-from stagewise.preprocess import (
+from stagewise.inputs.events import read_events
+from stagewise.preprocess.clip import (
     CLIP_MEAN,
     CLIP_STD,
     clip_image_processor,
@@ -16,8 +16,8 @@ from stagewise.preprocess import (
     clip_preprocess_torch,
     resized_size,
 )
-from stagewise.render import render_event_images, render_event_images_torch
-from stagewise.simulate import moving_edge_events
+from stagewise.preprocess.render import render_event_images, render_event_images_torch
+from stagewise.inputs.simulate import moving_edge_events
 
 
 def diff_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import pytest
 from conftest import LLAMA_TOKENIZER, require
 
 from stagewise.errors import InputError
-from stagewise.prompt import (
+from stagewise.preprocess.prompt import (
     DEFAULT_QUERY,
     EV_END,
     EV_START,

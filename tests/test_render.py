@@ -9,20 +9,20 @@ import pytest
 import torch
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
 
-from stagewise.events import (
+from stagewise.inputs.events import (
     EVENT_DTYPE,
     EventStream,
     read_event_frames,
     read_events,
     split_equal_count,
 )
-from stagewise.render import (
+from stagewise.preprocess.render import (
     render_event_image,
     render_event_images,
     render_event_images_torch,
     save_event_pngs,
 )
-from stagewise.simulate import moving_edge_events
+from stagewise.inputs.simulate import moving_edge_events
 
 
 def reference_image(part: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:

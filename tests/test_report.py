@@ -10,8 +10,8 @@ import pytest
 
 from stagewise import STAGES
 from stagewise.errors import InputError
-from stagewise.records import SampleRecord, write_json
-from stagewise.report import (
+from stagewise.results.records import SampleRecord, write_json
+from stagewise.results.report import (
     RANDOM_WEIGHTS_WARNING,
     load_run,
     plot_stage_shares,
@@ -20,7 +20,7 @@ from stagewise.report import (
     shape_rows,
     write_report,
 )
-from stagewise.summary import summarize
+from stagewise.results.summary import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

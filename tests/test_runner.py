@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from stagewise import STAGES
-from stagewise.data import simulated_samples
+from stagewise.inputs.samples import simulated_samples
 from stagewise.models.base import Sample
-from stagewise.outlen import parse_output_len
-from stagewise.records import SampleRecord, read_samples
+from stagewise.config import parse_output_len
+from stagewise.results.records import SampleRecord, read_samples
 from stagewise.runner import STAGE_SUM_TOLERANCE, RunConfig, execute
 
 

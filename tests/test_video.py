@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from stagewise.errors import InputError
-from stagewise.video import (
+from stagewise.inputs.video import (
     list_frame_files,
     read_frame_files,
     read_image,
@@ -231,7 +231,7 @@ def test_no_pyav_is_a_clear_error_for_mp4_only(monkeypatch, mp4, tmp_path, scene
 def test_importing_the_module_does_not_import_av():
     import subprocess
 
-    code = "import sys, stagewise.video, stagewise.models.video_llava, stagewise.models.llava; " \
+    code = "import sys, stagewise.inputs.video, stagewise.models.video_llava, stagewise.models.llava; " \
            "assert 'av' not in sys.modules, 'av imported at module level'"
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

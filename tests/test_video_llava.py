@@ -16,7 +16,7 @@ from PIL import Image
 from stagewise.errors import InputError
 from stagewise.models import video_llava as vl
 from stagewise.models.base import MultimodalModel, Prepared, Sample
-from stagewise.video import sample_indices, write_mp4
+from stagewise.inputs.video import sample_indices, write_mp4
 
 pytest.importorskip("av")
 

@@ -54,11 +54,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from stagewise.engine.base import DecodeOutput, PrefillOutput, left_pad_positions
 from stagewise.engine.hf import count_until_eos
-from stagewise.timing import StepTimer
+from stagewise.models.weights import fuse_linears
+from stagewise.measure.timing import StepTimer
 
 # RoPE variants whose frequencies do not depend on the sequence length: the HF module's
 # ``inv_freq`` and ``attention_scaling`` describe them completely.
@@ -296,51 +296,6 @@ def _plain_no_grad(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-# ----------------------------------------------------------------------------------------------
-# Weight sharing
-
-
-def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ``[sum N_i, K]`` weight (and bias) for Linears that read the same input.
-
-    The Linears' parameters are re-pointed to row views of the fused buffer, so the old
-    storage is freed (memory is not doubled) and the HF modules compute exactly what they did.
-    Idempotent: Linears that are already adjacent views of one buffer are not copied again.
-    """
-
-    def fuse(params: list[torch.Tensor]) -> torch.Tensor:
-        fused = _adjacent_rows(params)
-        if fused is None:
-            fused = torch.cat([p.detach() for p in params], dim=0)
-            start = 0
-            for p in params:
-                p.data = fused[start:start + p.shape[0]]
-                start += p.shape[0]
-        return fused
-
-    weight = fuse([lin.weight for lin in linears])
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
-        return weight, None
-    if any(b is None for b in biases):
-        raise ValueError("fast engine: cannot fuse Linears where only some have a bias")
-    return weight, fuse(biases)
-
-
-def _adjacent_rows(params: list[torch.Tensor]) -> torch.Tensor | None:
-    """The fused view if ``params`` already lie back to back in one storage, else ``None``."""
-    first = params[0]
-    if not all(p.is_contiguous() for p in params):
-        return None
-    offset = first.storage_offset()
-    for p in params:
-        if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.storage_offset() != offset:
-            return None
-        offset += p.numel()
-    rows = sum(p.shape[0] for p in params)
-    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
 # ----------------------------------------------------------------------------------------------

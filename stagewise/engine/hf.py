@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from stagewise.engine.base import DecodeOutput, PrefillOutput, left_pad_positions
-from stagewise.timing import StepTimer
+from stagewise.measure.timing import StepTimer
 
 
 def count_until_eos(tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:

@@ -36,7 +36,7 @@ class Sample:
         event_image_paths: pre-rendered event frames (PNG), in temporal order.
         video_path: an MP4 file, or a folder of frame images.
         image_path: a single image (LLaVA-1.5).
-        events: an in-memory structured event array (``stagewise.events.EVENT_DTYPE``),
+        events: an in-memory structured event array (``stagewise.inputs.events.EVENT_DTYPE``),
             used by the built-in simulated scene; no file is read then.
         sensor_size: ``(height, width)`` of the event sensor when known.
     """

@@ -8,7 +8,7 @@ weights), one ``torch.compile`` artifact serves every layer (they share shapes, 
 time stays small) and the compiler fuses the element-wise work.
 
 The weights are the ``CLIPVisionModel``'s own (q/k/v re-pointed into one fused buffer with
-:func:`stagewise.engine.fast.fuse_linears`, so nothing is copied and the HF tower still works).
+:func:`stagewise.models.weights.fuse_linears`, so nothing is copied and the HF tower still works).
 The function is the same computation as ``transformers``' pre-LN CLIP encoder layer
 (non-causal attention, scale ``head_dim ** -0.5``, quick-GELU ``x * sigmoid(1.702 x)``);
 ``last_hidden_state`` is the encoder output (no post-LayerNorm), as EventGPT uses it.
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stagewise.engine.fast import fuse_linears
+from stagewise.models.weights import fuse_linears
 
 
 class ClipLayerWeights(NamedTuple):

@@ -42,7 +42,7 @@ from transformers import (
 
 from stagewise.errors import InputError
 from stagewise.models.base import Prepared, Sample
-from stagewise.prompt import (
+from stagewise.preprocess.prompt import (
     EVENT_TOKEN_INDEX,
     TINY_TOKENIZER,
     SPTokenizer,
@@ -113,7 +113,7 @@ class LoadedEvents:
     """Stage-1 output: an event stream (``kind="events"``) or decoded frames (``"frames"``).
 
     Attributes:
-        stream: ``stagewise.events.EventStream`` or ``None``.
+        stream: ``stagewise.inputs.events.EventStream`` or ``None``.
         frames: list of ``[H, W, 3]`` uint8 RGB arrays, or ``None``.
         source: file the sample came from (for error messages).
     """
@@ -179,7 +179,7 @@ class EventGPT(nn.Module):
         visual_tower: ``CLIPVisionModel``.
         visual_projector: ``Linear(d_v, d) -> GELU -> Linear(d, d)``.
         feature_adaptor: ``Linear(d, d)``.
-        tokenizer: :class:`stagewise.prompt.SPTokenizer`.
+        tokenizer: :class:`stagewise.preprocess.prompt.SPTokenizer`.
         use_start_end: wrap ``<event>`` in ``<ev_start>``/``<ev_end>`` (config ``mm_use_im_start_end``).
         max_duration_us: streams at least this long are refused (or windowed with ``window=True``).
         gpu_preprocess: render event images and run the CLIP resize/normalize with torch on
@@ -249,7 +249,7 @@ class EventGPT(nn.Module):
             InputError: unreadable file, bad stream, stream of ``>= max_duration_us``
                 without ``window``.
         """
-        from stagewise import events as ev
+        from stagewise.inputs import events as ev
 
         if sample.events is not None:
             stream = sample.events
@@ -269,8 +269,8 @@ class EventGPT(nn.Module):
     def preprocess(self, loaded: LoadedEvents, query: str) -> Prepared:
         """Stage 2: event images -> CLIP pixels ``[T, 3, 336, 336]`` on the device (model
         dtype); prompt -> ids ``[S_text]`` (int64, -200 at the vision placeholder)."""
-        from stagewise import preprocess as pp
-        from stagewise import render
+        from stagewise.preprocess import clip as pp
+        from stagewise.preprocess import render
 
         shapes: dict[str, list[int]] = {}
         if loaded.kind == "events":
@@ -406,8 +406,8 @@ class EventGPT(nn.Module):
         }
 
     def vision_flops(self, n_images: int) -> float:
-        """FLOPs of stage 3 for ``n_images`` frames (see :mod:`stagewise.costmodel`)."""
-        from stagewise.costmodel import eventgpt_vision_flops
+        """FLOPs of stage 3 for ``n_images`` frames (see :mod:`stagewise.measure.costmodel`)."""
+        from stagewise.measure.costmodel import eventgpt_vision_flops
 
         return eventgpt_vision_flops(self, n_images)
 

@@ -39,8 +39,8 @@ import torch
 
 from stagewise.errors import InputError
 from stagewise.models.base import Prepared, Sample
-from stagewise.preprocess import CLIP_MEAN, CLIP_STD
-from stagewise.video import read_image, read_middle_frame
+from stagewise.preprocess.clip import CLIP_MEAN, CLIP_STD
+from stagewise.inputs.video import read_image, read_middle_frame
 
 LLAVA_PROMPT = "USER: <image>\n{query} ASSISTANT:"
 """The llava-hf model card's prompt for LLaVA-1.5 (one image, before the question)."""

@@ -47,7 +47,7 @@ from stagewise.models.llava import (
     text_config,
     vision_config,
 )
-from stagewise.video import DEFAULT_N_FRAMES, read_frame_files, read_video_frames
+from stagewise.inputs.video import DEFAULT_N_FRAMES, read_frame_files, read_video_frames
 
 VIDEO_LLAVA_PROMPT = "USER: <video>\n{query} ASSISTANT:"
 """The Video-LLaVA-7B-hf model card's prompt for a video question."""

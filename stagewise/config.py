@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagewise.errors import InputError
-from stagewise.records import read_samples
+from stagewise.results.records import read_samples
 
 
 @dataclass

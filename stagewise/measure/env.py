@@ -20,7 +20,7 @@ def git_sha() -> str | None:
     """
     if os.environ.get("STAGEWISE_GIT_SHA"):
         return os.environ["STAGEWISE_GIT_SHA"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.events import EventStream, write_events
-from stagewise.prompt import DEFAULT_QUERY
-from stagewise.render import render_event_images, save_event_pngs
+from stagewise.inputs.events import EventStream, write_events
+from stagewise.preprocess.prompt import DEFAULT_QUERY
+from stagewise.preprocess.render import render_event_images, save_event_pngs
 
 N_VIDEO_FRAMES = 8
 """Video-LLaVA samples 8 frames per video (EVENTGPT.md)."""
@@ -58,7 +58,7 @@ def build_dataset(streams: dict[str, EventStream], out: Path, *, query: str = DE
             "conversations": [{"from": "human", "value": f"<event>\n{query}"}, {"from": "gpt", "value": ""}],
         }
         if write_video:
-            from stagewise.video import write_mp4
+            from stagewise.inputs.video import write_mp4
 
             frames = np.stack(render_event_images(ev, n_frames=N_VIDEO_FRAMES, sensor_size=(h, w)))
             write_mp4(out / "mp4" / f"{sid}.mp4", frames, fps=fps)

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Sequence
 
 from stagewise import STAGES
 from stagewise.errors import InputError
-from stagewise.records import SampleRecord, read_samples
-from stagewise.summary import summarize
+from stagewise.results.records import SampleRecord, read_samples
+from stagewise.results.summary import summarize
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "stage_shares.png"

@@ -20,7 +20,7 @@ from typing import Any
 
 from stagewise.errors import InputError
 from stagewise.models.base import Sample
-from stagewise.prompt import DEFAULT_QUERY
+from stagewise.preprocess.prompt import DEFAULT_QUERY
 
 EVENT_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 INPUT_FORMATS = ("events", "png", "mp4")
@@ -30,7 +30,7 @@ DEFAULT_FORMAT = {"eventgpt": "events", "video-llava": "mp4", "llava-1.5": "mp4"
 
 def simulated_samples(n: int, query: str = DEFAULT_QUERY) -> list[Sample]:
     """``n`` samples of the built-in moving-edge scene (seeds 0..n-1); no files needed."""
-    from stagewise.simulate import moving_edge_events
+    from stagewise.inputs.simulate import moving_edge_events
 
     return [Sample(sample_id=f"sim{i:03d}", query=query, events=moving_edge_events(seed=i)) for i in range(n)]
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from stagewise import STAGES
-from stagewise.records import SampleRecord
+from stagewise.results.records import SampleRecord
 
 METRICS: tuple[str, ...] = tuple(f"{s}_ms" for s in STAGES) + (
     "e2e_ms",

@@ -36,8 +36,8 @@ import numpy as np
 
 from stagewise import STAGES
 from stagewise.errors import InputError
-from stagewise.records import SampleRecord, write_json
-from stagewise.report import (
+from stagewise.results.records import SampleRecord, write_json
+from stagewise.results.report import (
     MIB,
     flatten_config,
     fmt_count,

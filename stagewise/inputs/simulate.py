@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.events import EVENT_DTYPE, EventStream
+from stagewise.inputs.events import EVENT_DTYPE, EventStream
 
 # Share of the events per source: bar leading, bar trailing, disc leading, disc trailing, noise.
 _SOURCE_SHARES = np.array([0.30, 0.25, 0.20, 0.17, 0.08])

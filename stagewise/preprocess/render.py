@@ -3,7 +3,7 @@
 The rule (spec, EVENTGPT.md): white background; a pixel hit by an event of polarity 1 is
 red (255, 0, 0), polarity 0 blue (0, 0, 255); where several events hit one pixel, the
 LAST one in stream order wins. The stream is first cut into N parts of equal event
-count (:func:`stagewise.events.split_equal_count`), one image per part.
+count (:func:`stagewise.inputs.events.split_equal_count`), one image per part.
 
 Why not a loop: the reference renders with a per-event Python loop (~10^5 events per
 sample), which would dominate stage 2. Here the last event per pixel is computed
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stagewise.events import EventStream, split_equal_count
+from stagewise.inputs.events import EventStream, split_equal_count
 
 WHITE = (255, 255, 255)
 RED = (255, 0, 0)  # polarity 1 (ON)

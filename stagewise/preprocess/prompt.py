@@ -33,7 +33,7 @@ EVENT_TOKEN = "<event>"
 EVENT_TOKEN_INDEX = -200
 EV_PATCH, EV_START, EV_END = "<ev_patch>", "<ev_start>", "<ev_end>"
 DEFAULT_QUERY = "What are the key elements in this scene?"
-TINY_TOKENIZER = Path(__file__).with_name("assets") / "tiny_llama_sp.model"
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny_llama_sp.model"
 
 
 def eventgpt_prompt(query: str, use_start_end: bool = True) -> str:

@@ -203,7 +203,7 @@ def _load_npy(path: Path, *, allow_pickle: bool) -> tuple[dict[str, np.ndarray],
                 path,
                 "is a pickled .npy (EventGPT's dict format); a pickle can run arbitrary code when loaded, "
                 f"so it is refused with allow_pickle=False; use {_SAFE_FORMATS} instead "
-                "(stagewise.events.write_events writes them)",
+                "(stagewise.inputs.events.write_events writes them)",
             )
         try:  # A pickle: this runs whatever the file says. The caller opted in.
             obj = np.load(path, allow_pickle=True)
