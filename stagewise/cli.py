@@ -186,7 +186,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     model = load_model(cfg.preset, cfg.weights, device=torch.device(cfg.device), dtype=cfg.torch_dtype, tokenizer=cfg.tokenizer, vision_tower=cfg.vision_tower, seed=cfg.seed)
     configure_model(model, cfg)
     n = args.max_new_tokens
-    engine = make_engine(cfg.engine, model.lm, max_batch=1, max_seq=int(getattr(model, "n_vision_tokens", 0)) + 256 + n + 64)
+    from stagewise.engine.fast import FastOptions
+
+    max_seq = int(getattr(model, "n_vision_tokens", 0)) + 256 + n + 64
+    engine = make_engine(cfg.engine, model.lm, FastOptions(max_seq=max_seq) if cfg.engine == "fast" else None)
     eos = None if cfg.weights == "random" else model.eos_token_id
     table = Table(title=f"verify: fused generate() vs decoupled (vision once + {cfg.engine} engine), {preset or cfg.weights}, {cfg.device}/{cfg.dtype}")
     for col in ("sample", "tokens", "identical", "first diff", "top-2 margin at diff"):

@@ -23,6 +23,7 @@ import torch
 from stagewise import STAGES
 from stagewise.measure.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
 from stagewise.engine import make_engine
+from stagewise.engine.fast import FastOptions
 from stagewise.engine.base import stack_left_padded
 from stagewise.errors import InputError
 from stagewise.models.base import Sample
@@ -156,8 +157,8 @@ def run_batch(model: Any, engine: Any, samples: list[Sample], lengths: list[int]
         vision = {i: model.encode_vision(preps[i]) for i in ok}
     with clock.stage("prefill"):
         rows = [model.build_inputs_embeds(preps[i], vision[i]) for i in ok]
-        embeds, mask = stack_left_padded(rows)
-        pf = engine.prefill(embeds, mask)
+        embeds, prompt_lens = stack_left_padded(rows)
+        pf = engine.prefill(embeds, prompt_lens)
     with clock.stage("decode"):
         out = engine.decode(pf, n_new, eos)
     e2e_ms = (time.perf_counter() - t0) * 1e3
@@ -245,7 +246,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     configure_model(model, cfg)
     build_ms = (time.perf_counter() - t_build) * 1e3
     max_seq = max(1024, _round_up(model_prompt_bound(model) + max(lengths.values()) + 8, 64))
-    engine = make_engine(cfg.engine, model.lm, max_batch=cfg.batch_size, max_seq=max_seq)
+    engine = make_engine(cfg.engine, model.lm, FastOptions(max_batch=cfg.batch_size, max_seq=max_seq) if cfg.engine == "fast" else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {**asdict(cfg), "model": model.name, "architecture": model.describe(), "env": environment(device), "n_samples": len(expanded), "max_seq": max_seq}
     write_json(run_dir / "config.json", config)

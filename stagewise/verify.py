@@ -68,8 +68,8 @@ def verify_sample(model: Any, engine: Any, sample: Sample, max_new_tokens: int, 
     fused = model.generate_fused(prep, max_new_tokens, eos_token_id)
     vision = model.encode_vision(prep)  # stage 3, once
     row = model.build_inputs_embeds(prep, vision)
-    embeds, mask = stack_left_padded([row])
-    out = engine.decode(engine.prefill(embeds, mask), max_new_tokens, eos_token_id)
+    embeds, lengths = stack_left_padded([row])
+    out = engine.decode(engine.prefill(embeds, lengths), max_new_tokens, eos_token_id)
     dec = out.tokens[0, : out.n_tokens[0]].tolist()
     k = _first_diff(fused, dec)
     margin = _margin_at(model, row, fused, k) if k is not None and k < len(fused) else None

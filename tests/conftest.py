@@ -39,7 +39,7 @@ def decoupled(model, prepared, n: int, eos: int | None) -> tuple[list[int], int]
     vision = model.encode_vision(prepared)
     emb = model.build_inputs_embeds(prepared, vision)[None]  # [1, S, D]
     eng = HFEngine(model.lm)
-    out = eng.decode(eng.prefill(emb, torch.ones(emb.shape[:2], dtype=torch.long)), n, eos)
+    out = eng.decode(eng.prefill(emb, [emb.shape[1]]), n, eos)
     return out.tokens[0, : out.n_tokens[0]].tolist(), out.n_tokens[0]
 
 

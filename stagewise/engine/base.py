@@ -4,18 +4,22 @@ Prefill and decode are separate calls so that the runner can put a stage boundar
 (one device synchronization) between them: TTFT ends when ``prefill`` returns and the
 first token is on the device.
 
-Batches are LEFT-padded: row ``b`` of ``inputs_embeds`` holds ``pad_b`` padding
-positions followed by its real tokens, and ``attention_mask[b]`` is 0 on the padding,
-1 elsewhere. Positions (RoPE) count real tokens only, so a row's logits do not depend
-on how much padding it carries.
+Batches are LEFT-padded: row ``b`` of ``inputs_embeds`` holds ``S - lengths[b]`` padding
+positions followed by its ``lengths[b]`` real tokens. The lengths are known on the host (the
+runner built the rows), so no engine reads a mask back from the device to find out whether a
+batch is padded. Positions (RoPE) count real tokens only, so a row's logits do not depend on
+how much padding it carries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+
+from stagewise.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -23,14 +27,17 @@ class PrefillOutput:
     """What ``prefill`` returns.
 
     Attributes:
-        next_token: ``[B]`` int64 on the device: the greedy first generated token.
-        logits: ``[B, vocab]`` float logits at the last prompt position (device).
-        state: engine-private decode state (KV cache, positions, mask).
+        next_token: ``[B]`` int64 on the device: the first generated token (greedy or sampled).
+        logits: ``[B, vocab]`` fp32 logits at the last prompt position (device).
+        batch: ``B``; prompt_len: ``S`` (padded length).
+        handle: engine-private decode state (the KV cache it filled, positions), opaque to callers.
     """
 
     next_token: torch.Tensor
     logits: torch.Tensor
-    state: Any = None
+    batch: int
+    prompt_len: int
+    handle: object = None
 
 
 @dataclass
@@ -58,18 +65,41 @@ class Engine(Protocol):
         name: ``"hf"`` or ``"fast"``.
         warmup_ms: wall time spent compiling / capturing / warming up (ms), reported on
             its own and never inside a stage.
+        sampling: how tokens are chosen (greedy by default).
     """
 
     name: str
     warmup_ms: float
+    sampling: SamplingParams
 
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> PrefillOutput:
-        """Run the LM over ``inputs_embeds`` ``[B, S, D]`` (model dtype) with ``attention_mask``
-        ``[B, S]`` (int/bool, left padding), fill the KV cache, return the first token."""
+    def prefill(self, inputs_embeds: torch.Tensor, lengths: Sequence[int], seeds: Sequence[int] | None = None) -> PrefillOutput:
+        """Run the LM over ``inputs_embeds`` ``[B, S, D]`` (model dtype, left-padded; row ``b``
+        holds ``lengths[b]`` real tokens), fill the KV cache, return the first token. ``seeds``:
+        one per row when sampling (default: the sampling seed for every row)."""
+        ...
 
     def decode(self, prefill: PrefillOutput, max_new_tokens: int, eos_token_id: int | None) -> DecodeOutput:
         """Generate until ``max_new_tokens`` tokens (the first included) or, when
-        ``eos_token_id`` is set, until every row has produced it. Greedy."""
+        ``eos_token_id`` is set, until every row has produced it."""
+        ...
+
+    def warmup(self, prompt_len: int, max_new_tokens: int | None, batch_sizes: Sequence[int]) -> None:
+        """Compile / capture everything a run of ``prompt_len``-token prompts needs for these
+        batch sizes (time goes to ``warmup_ms``; a no-op for engines with nothing to prepare)."""
+        ...
+
+
+def padding_mask(lengths: Sequence[int], seq_len: int, device: torch.device | str) -> torch.Tensor:
+    """``[B, S]`` int64 attention mask of a left-padded batch: 0 on each row's padding, 1 elsewhere.
+
+    Raises:
+        ValueError: a length outside ``[1, seq_len]``.
+    """
+    if any(not 1 <= n <= seq_len for n in lengths):
+        raise ValueError(f"lengths must be in [1, {seq_len}], got {list(lengths)}")
+    pos = torch.arange(seq_len, device=device)
+    start = torch.tensor([seq_len - n for n in lengths], device=device)
+    return (pos[None, :] >= start[:, None]).long()
 
 
 def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,24 +115,35 @@ def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp_min(0)
 
 
-def stack_left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     """Left-pad a list of ``[S_i, D]`` embedding rows into one batch.
 
     Returns:
-        ``(embeds [B, S_max, D], attention_mask [B, S_max] int64)``; padding rows are zeros.
+        ``(embeds [B, S_max, D], lengths [S_i])``; padding rows are zeros.
 
     Raises:
-        ValueError: empty list, or rows with different ``D``/dtype/device.
+        ValueError: empty list, or rows with different ``D``/dtype.
     """
     if not rows:
         raise ValueError("stack_left_padded: no rows")
     d = rows[0].shape[-1]
     if any(r.ndim != 2 or r.shape[-1] != d or r.dtype != rows[0].dtype for r in rows):
         raise ValueError("stack_left_padded: rows must all be [S_i, D] with one D and dtype")
-    s_max = max(r.shape[0] for r in rows)
+    lengths = [int(r.shape[0]) for r in rows]
+    if len(rows) == 1:
+        return rows[0][None], lengths
+    s_max = max(lengths)
     embeds = rows[0].new_zeros(len(rows), s_max, d)
-    mask = torch.zeros(len(rows), s_max, dtype=torch.long, device=rows[0].device)
     for b, r in enumerate(rows):
         embeds[b, s_max - r.shape[0]:] = r
-        mask[b, s_max - r.shape[0]:] = 1
-    return embeds, mask
+    return embeds, lengths
+
+
+def count_until_eos(tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
+    """Per row of ``tokens`` ``[B, T]``: tokens up to and including the first EOS (T if none)."""
+    if eos_token_id is None:
+        return [tokens.shape[1]] * tokens.shape[0]
+    out = []
+    for row in tokens.tolist():
+        out.append(row.index(eos_token_id) + 1 if eos_token_id in row else len(row))
+    return out

@@ -14,12 +14,17 @@ The design, after gpt-fast (pytorch-labs/gpt-fast), in plain PyTorch:
   re-pointed to views of those buffers, so memory is not doubled and the HF model still works.
 * A static KV cache ``[layers, max_batch, kv_heads, max_seq, head_dim]`` is allocated once
   (``setup``) and written in place by slot. Row ``b`` of a batch keeps the prompt's left padding
-  in slots ``[0, pad_b)``; an additive key mask ``kv_bias`` hides those slots and the unused tail.
-* One transformer layer is two small functions around attention (``decode_in``: RMSNorm, fused
-  QKV, RoPE, cache write; ``decode_out``: o-proj, residual, RMSNorm, fused gate/up, SiLU, down,
-  residual). They take the weights as arguments, so ONE compiled artifact serves all layers
-  (short compile), and ``torch.compile`` fuses the norm, RoPE and SiLU into few kernels.
-* The whole decode step (embedding, all layers, LM head, greedy argmax, EOS bookkeeping,
+  in slots ``[0, pad_b)``; an additive key mask ``pad_bias`` hides those slots, and each step masks
+  the slots past its own position, so the cache is rolled back by position only (what a
+  speculative verify step needs: :meth:`FastEngine.extend` / :meth:`FastEngine.advance`).
+* The layer math lives in :mod:`stagewise.engine.layers` as pure functions: one transformer layer
+  is two small functions around attention (``decode_in``: RMSNorm, fused QKV, RoPE, cache write;
+  ``decode_out``: o-proj, residual, RMSNorm, fused gate/up, SiLU, down, residual). They take the
+  weights as arguments, so ONE compiled artifact serves all layers (short compile), and
+  ``torch.compile`` fuses the norm, RoPE and SiLU into few kernels. This module holds the state:
+  weight views, cache, step buffers, graph capture.
+* The whole decode step (embedding, all layers, LM head, token choice (greedy, or sampling on the
+  device: :mod:`stagewise.engine.sampling`), EOS bookkeeping,
   position/slot/step counters) reads and writes only static device buffers, so it is captured
   in one CUDA graph per (batch, KV-length bucket). The bucket ``L`` (a multiple of
   ``kv_bucket``) bounds the cache slice that attention reads: a step streams the cache in use,
@@ -49,58 +54,80 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from stagewise.engine.base import DecodeOutput, PrefillOutput, left_pad_positions
-from stagewise.engine.hf import count_until_eos
-from stagewise.models.weights import fuse_linears
+from stagewise.engine.base import DecodeOutput, PrefillOutput, count_until_eos, left_pad_positions, padding_mask
+from stagewise.engine.layers import (
+    STATIC_ROPE_TYPES,
+    Dims,
+    LayerWeights,
+    Reduce,
+    attend_decode,
+    attend_prefill,
+    decode_in,
+    decode_out,
+    head,
+    no_reduce,
+    prefill_head,
+    prefill_in,
+    prefill_out,
+    step_in,
+)
+from stagewise.engine.sampling import GREEDY, SamplingParams, draw_tokens, gumbel_noise, select_tokens
 from stagewise.measure.timing import StepTimer
+from stagewise.models.weights import fuse_linears
 
-# RoPE variants whose frequencies do not depend on the sequence length: the HF module's
-# ``inv_freq`` and ``attention_scaling`` describe them completely.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_EXTEND = 16
+"""The most tokens one :meth:`FastEngine.extend` call feeds per row (``k + 1`` of a verify step)."""
 
 
 @dataclass(frozen=True)
-class Dims:
-    """The shapes a layer function needs (read from the HF config)."""
+class FastOptions:
+    """Options of the fast engine (each one reachable from the CLI through ``RunConfig``).
 
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    eps: float
+    Attributes:
+        max_batch: rows the cache holds.
+        max_seq: cache length (prompt + generated tokens); ``None``: the model's
+            ``max_position_embeddings``.
+        compile: ``torch.compile`` the layer functions (``None``: on CUDA).
+        cuda_graphs: capture the decode step in CUDA graphs (``None``: on CUDA).
+        prefill_graphs: capture the prefill of each shape :meth:`FastEngine.warmup` sees in a
+            CUDA graph (``None``: as ``cuda_graphs``).
+        kv_bucket: KV-length granularity (slots) of the captured decode graphs.
+        check_every: decode steps between host looks at the EOS flags.
+        matvec: batch-1 decode projections as compiler-generated reductions instead of cuBLAS
+            (``None``: when compiling).
+        autotune: coordinate-descent tuning of the decode kernels (``None``: when compiling on
+            CUDA; adds ~15 s of compile, saved ~1.1 ms/token at batch 1 on an H100).
+        time_steps: record per-step CUDA events (ITL).
+        sampling: greedy (default) or sampling on the device.
 
-    @property
-    def group(self) -> int:
-        """Query heads per KV head (GQA); 1 for multi-head attention."""
-        return self.n_heads // self.n_kv_heads
+    Raises:
+        ValueError: a field out of range (named).
+    """
 
-    @property
-    def qkv_split(self) -> tuple[int, int, int]:
-        return (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+    max_batch: int = 1
+    max_seq: int | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    prefill_graphs: bool | None = None
+    kv_bucket: int = 64
+    check_every: int = 16
+    matvec: bool | None = None
+    autotune: bool | None = None
+    time_steps: bool = True
+    sampling: SamplingParams = field(default_factory=lambda: GREEDY)
 
-
-class LayerWeights(NamedTuple):
-    """One decoder layer's tensors (aliases of the HF parameters; biases may be ``None``)."""
-
-    ln1: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H + 2 Hkv) hd, D]
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [D, H hd]
-    bo: torch.Tensor | None
-    ln2: torch.Tensor  # [D]
-    w_gate_up: torch.Tensor  # [2 I, D]
-    b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor  # [D, I]
-    b_down: torch.Tensor | None
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if self.max_seq is not None and self.max_seq < 2:
+            raise ValueError(f"max_seq: must be >= 2, got {self.max_seq}")
+        if self.kv_bucket < 1 or self.check_every < 1:
+            raise ValueError(f"kv_bucket ({self.kv_bucket}) and check_every ({self.check_every}) must be >= 1")
 
 
 class PrefillGraph(NamedTuple):
@@ -113,147 +140,27 @@ class PrefillGraph(NamedTuple):
 
 
 class StepBuffers(NamedTuple):
-    """The static device state one decode step reads and advances (rows sliced to the batch)."""
+    """The static device state a decode / extend step reads and advances (rows sliced to the batch)."""
 
-    tokens: torch.Tensor  # [B] int64: the token this step feeds in
-    pos: torch.Tensor  # [B] int64: its RoPE position (real tokens only)
-    slot: torch.Tensor  # [1] int64: the cache slot this step writes (same for every row)
-    step: torch.Tensor  # [1] int64: index into ``out`` of the token this step produces
+    tokens: torch.Tensor  # [B] int64: the token a decode step feeds in
+    pos: torch.Tensor  # [B] int64: RoPE position of the next fed token (real tokens only)
+    slot: torch.Tensor  # [1] int64: the cache slot of the next fed token (same for every row)
+    step: torch.Tensor  # [1] int64: index into ``out`` of the token the next decode step produces
     done: torch.Tensor  # [B] bool: row has produced EOS
     eos: torch.Tensor  # [1] int64: EOS id, -1 for none
+    seeds: torch.Tensor  # [B] int64: per-row sampling seeds
     out: torch.Tensor  # [B, max_seq] int64: generated tokens
-    logits: torch.Tensor  # [B, V] float32: logits of the last step
-    kv_bias: torch.Tensor  # [B, max_seq] model dtype: 0 on visible slots, -inf elsewhere
+    logits: torch.Tensor  # [B, V] float32: logits of the last decode step
+    pad_bias: torch.Tensor  # [B, max_seq] model dtype: -inf on a row's left padding, 0 elsewhere
+    ext_tokens: torch.Tensor  # [B, MAX_EXTEND] int64: tokens an extend step feeds
+    ext_logits: torch.Tensor  # [B, MAX_EXTEND, V] float32: their logits
 
 
-# ----------------------------------------------------------------------------------------------
-# The hot path: pure functions of tensors. Each public one is compiled on CUDA.
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """LLaMA RMSNorm, computed as HF does: statistics in fp32, scale in the model dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, matvec: bool) -> torch.Tensor:
-    """``x @ w.T (+ b)`` with ``x: [..., K]``, ``w: [N, K]``.
-
-    ``matvec`` writes it as a multiply-and-sum that the compiler turns into one reduction kernel
-    streaming ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its
-    loads; only for batch-1 decode under ``torch.compile`` (eagerly it would materialize
-    ``[N, K]``). Otherwise cuBLAS. (Folding the RMSNorm statistics into the same reduction, as
-    ``rsqrt(mean(x^2)) * (w @ (ln * x))``, removes a kernel per norm but measured slower: the
-    compiler then inlines the rescaling into the next projection's loads.)
-    """
-    if matvec:
-        y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
-    else:
-        y = F.linear(x, w)
-    return y if b is None else y + b
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` (HF's half-split layout). x: ``[B, heads, S, hd]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _project_qkv(x: torch.Tensor, w: LayerWeights, dims: Dims, matvec: bool):
-    # x: [B, S, D] -> q: [B, S, H, hd], k, v: [B, S, Hkv, hd]
-    B, S, _ = x.shape
-    h = rms_norm(x, w.ln1, dims.eps)
-    q, k, v = linear(h, w.wqkv, w.bqkv, matvec).split(dims.qkv_split, dim=-1)
-    return (
-        q.view(B, S, dims.n_heads, dims.head_dim),
-        k.view(B, S, dims.n_kv_heads, dims.head_dim),
-        v.view(B, S, dims.n_kv_heads, dims.head_dim),
-    )
-
-
-def _out_and_mlp(x: torch.Tensor, attn: torch.Tensor, w: LayerWeights, dims: Dims, matvec: bool) -> torch.Tensor:
-    # x: [B, S, D] residual stream; attn: [B, S, H hd]
-    x = x + linear(attn, w.wo, w.bo, matvec)
-    h = rms_norm(x, w.ln2, dims.eps)
-    gate, up = linear(h, w.w_gate_up, w.b_gate_up, matvec).chunk(2, dim=-1)  # [B, S, I] each
-    return x + linear(F.silu(gate) * up, w.w_down, w.b_down, matvec)
-
-
-def prefill_in(x, w: LayerWeights, rope, kv, *, dims: Dims) -> torch.Tensor:
-    """Attention input of one layer over a prompt; writes its K/V into the cache.
-
-    Args:
-        x: ``[B, S, D]`` residual stream.
-        rope: ``(cos, sin)``, each ``[B, 1, S, hd]``.
-        kv: ``(k, v)`` cache views ``[B, Hkv, S, hd]`` (slots ``[0, S)``), written in place.
-
-    Returns:
-        q: ``[B, H, S, hd]``.
-    """
-    q, k, v = _project_qkv(x, w, dims, matvec=False)
-    cos, sin = rope
-    kv[0].copy_(apply_rope(k.transpose(1, 2), cos, sin))
-    kv[1].copy_(v.transpose(1, 2))
-    return apply_rope(q.transpose(1, 2), cos, sin)
-
-
-def prefill_out(x, attn, w: LayerWeights, *, dims: Dims) -> torch.Tensor:
-    """Rest of the layer over a prompt. attn: ``[B, H, S, hd]`` -> new x ``[B, S, D]``."""
-    B, _, S, _ = attn.shape
-    return _out_and_mlp(x, attn.transpose(1, 2).reshape(B, S, -1), w, dims, matvec=False)
-
-
-def prefill_head(x, norm_w, lm_head, *, dims: Dims) -> torch.Tensor:
-    """Final norm and LM head at the last prompt position. x: ``[B, S, D]`` -> ``[B, V]`` fp32."""
-    return F.linear(rms_norm(x[:, -1], norm_w, dims.eps), lm_head).float()
-
-
-def decode_in(x, w: LayerWeights, rope, kv, slot, *, dims: Dims, matvec: bool) -> torch.Tensor:
-    """Attention input of one layer for one new token per row; writes K/V at ``slot``.
-
-    Args:
-        x: ``[B, 1, D]`` residual stream.
-        rope: ``(cos, sin)``, each ``[B, 1, 1, hd]``.
-        kv: ``(k, v)`` full cache rows ``[B, Hkv, max_seq, hd]``, written at ``slot``.
-        slot: ``[1]`` int64 on the device.
-
-    Returns:
-        q: ``[B, Hkv, G, hd]``: the G query heads that share a KV head stand in the query-length
-        axis, so attention needs neither ``enable_gqa`` nor a repeated cache.
-    """
-    B = x.shape[0]
-    q, k, v = _project_qkv(x, w, dims, matvec)
-    cos, sin = rope
-    kv[0].index_copy_(2, slot, apply_rope(k.transpose(1, 2), cos, sin))  # [B, Hkv, 1, hd]
-    kv[1].index_copy_(2, slot, v.transpose(1, 2))
-    q = q.view(B, dims.n_kv_heads, dims.group, dims.head_dim)  # S == 1
-    return apply_rope(q, cos, sin)
-
-
-def decode_out(x, attn, w: LayerWeights, *, dims: Dims, matvec: bool) -> torch.Tensor:
-    """Rest of the layer for one token. attn: ``[B, Hkv, G, hd]`` -> new x ``[B, 1, D]``."""
-    B = attn.shape[0]
-    return _out_and_mlp(x, attn.reshape(B, 1, -1), w, dims, matvec)
-
-
-def step_in(buf: StepBuffers, embed: torch.Tensor, rope_table):
-    """Start of a decode step: embed the fed tokens, look up RoPE, unmask this step's slot.
-
-    Returns:
-        ``x [B, 1, D]`` and ``(cos, sin)``, each ``[B, 1, 1, hd]``.
-    """
-    buf.kv_bias.index_fill_(1, buf.slot, 0.0)
-    x = F.embedding(buf.tokens, embed)[:, None]
-    cos = rope_table[0][buf.pos][:, None, None]
-    sin = rope_table[1][buf.pos][:, None, None]
-    return x, (cos, sin)
-
-
-def step_out(x, norm_w, lm_head, buf: StepBuffers, *, dims: Dims, matvec: bool) -> None:
-    """End of a decode step: LM head, greedy token, EOS bookkeeping, advance the counters."""
-    logits = linear(rms_norm(x[:, 0], norm_w, dims.eps), lm_head, None, matvec).float()  # [B, V]
-    nxt = logits.argmax(-1)
+def step_out(x, norm_w, lm_head, buf: StepBuffers, noise, *, dims: Dims, matvec: bool, sampling: SamplingParams) -> None:
+    """End of a decode step: LM head, the next token (``noise``: ``[B, V]`` Gumbel noise when
+    sampling, else ``None``), EOS bookkeeping, advance the counters."""
+    logits = head(x, norm_w, lm_head, dims=dims, matvec=matvec)[:, -1]  # [B, V]
+    nxt = select_tokens(logits, sampling, noise)
     nxt = torch.where(buf.done, buf.eos, nxt)  # finished rows repeat EOS
     buf.done.logical_or_(nxt == buf.eos)
     buf.out.index_copy_(1, buf.step, nxt[:, None])
@@ -262,27 +169,6 @@ def step_out(x, norm_w, lm_head, buf: StepBuffers, *, dims: Dims, matvec: bool) 
     buf.pos.add_(1)
     buf.slot.add_(1)
     buf.step.add_(1)
-
-
-def attend_prefill(q, kv, mask: torch.Tensor | None, group: int) -> torch.Tensor:
-    """Causal attention over the prompt. q: ``[B, H, S, hd]``; mask ``[B, 1, S, S]`` bool or
-    ``None`` (no padding: SDPA's flash path with ``is_causal``)."""
-    k, v = kv
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def attend_decode(q, k, v, bias) -> torch.Tensor:
-    """One query position per row against the cache slots in use (SDPA: on an H100, cuDNN's
-    split-KV kernel; a compiled multiply-and-sum + softmax measured twice as slow).
-
-    q: ``[B, Hkv, G, hd]``; k, v: ``[B, Hkv, L, hd]`` (the first L slots); bias ``[B, L]``
-    (0 visible, -inf hidden). Returns ``[B, Hkv, G, hd]``.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
 
 
 def _plain_no_grad(fn):
@@ -298,6 +184,15 @@ def _plain_no_grad(fn):
     return wrapper
 
 
+def _raise_recompile_limit(n: int = 64) -> None:
+    """One compiled function serves decode (per batch size), extend (per k) and prefill shapes:
+    allow that many specializations (dynamo's default of 8 would silently fall back to eager)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < n:
+            setattr(cfg, name, n)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -306,67 +201,41 @@ class FastEngine:
 
     Args:
         lm: the model; its weights are used in place (q/k/v and gate/up re-pointed into fused
-            buffers, see :func:`fuse_linears`).
-        max_batch: rows the cache holds.
-        max_seq: cache length (prompt + generated tokens); default the model's
-            ``max_position_embeddings``.
-        compile: ``torch.compile`` the layer functions (default: on CUDA).
-        cuda_graphs: capture the decode step in CUDA graphs (default: on CUDA).
-        prefill_graphs: capture the prefill of each shape :meth:`warmup` sees in a CUDA graph
-            (default: ``cuda_graphs``).
-        kv_bucket: KV-length granularity of the captured decode graphs.
-        check_every: decode steps between host looks at the EOS flags.
-        matvec: batch-1 decode projections as compiler-generated reductions instead of cuBLAS
-            (default: when compiling).
-        autotune: let the compiler coordinate-descent-tune the decode kernels (default: when
-            compiling on CUDA; adds ~15 s of compile, saves ~1.1 ms/token at batch 1 on an H100).
-        time_steps: record per-step CUDA events.
+            buffers, see :func:`stagewise.models.weights.fuse_linears`).
+        options: :class:`FastOptions`.
 
     Attributes:
         warmup_ms: wall time spent compiling, capturing and warming up (ms).
+        n_host_syncs: host reads of device state made by :meth:`decode` (EOS looks, the final copy).
 
     Raises:
-        ValueError: an unsupported model (activation, RoPE type) or bad arguments.
+        ValueError: an unsupported model (activation, RoPE type, head counts).
     """
 
     name = "fast"
 
     @_plain_no_grad
-    def __init__(
-        self,
-        lm: Any,
-        *,
-        max_batch: int = 1,
-        max_seq: int | None = None,
-        compile: bool | None = None,
-        cuda_graphs: bool | None = None,
-        prefill_graphs: bool | None = None,
-        kv_bucket: int = 64,
-        check_every: int = 16,
-        matvec: bool | None = None,
-        autotune: bool | None = None,
-        time_steps: bool = True,
-        **_: Any,
-    ) -> None:
+    def __init__(self, lm: Any, options: FastOptions = FastOptions()) -> None:
         cfg = lm.config
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"fast engine: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
-        if kv_bucket < 1 or check_every < 1:
-            raise ValueError(f"fast engine: kv_bucket ({kv_bucket}) and check_every ({check_every}) must be >= 1")
         self.lm = lm
+        self.options = options
+        self.sampling = options.sampling
         self.device = lm.lm_head.weight.device
         self.dtype = lm.lm_head.weight.dtype
         on_cuda = self.device.type == "cuda"
-        self.compiled = on_cuda if compile is None else bool(compile)
-        self.use_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
-        self.prefill_graphs = self.use_graphs if prefill_graphs is None else bool(prefill_graphs) and on_cuda
-        self.matvec = self.compiled if matvec is None else bool(matvec)
-        autotune = self.compiled and on_cuda if autotune is None else bool(autotune)
-        self.kv_bucket = int(kv_bucket)
-        self.check_every = int(check_every)
-        self.time_steps = time_steps
+        self.compiled = on_cuda if options.compile is None else options.compile
+        self.use_graphs = on_cuda if options.cuda_graphs is None else options.cuda_graphs and on_cuda
+        self.prefill_graphs = self.use_graphs if options.prefill_graphs is None else options.prefill_graphs and on_cuda
+        self.matvec = self.compiled if options.matvec is None else options.matvec
+        autotune = self.compiled and on_cuda if options.autotune is None else options.autotune
+        self.kv_bucket = options.kv_bucket
+        self.check_every = options.check_every
         self.warmup_ms = 0.0
+        self.n_host_syncs = 0
         self._warming = False
+        self.reduce: Reduce = no_reduce  # an all-reduce under tensor parallelism
 
         attn0 = lm.model.layers[0].self_attn
         self.dims = Dims(
@@ -392,43 +261,33 @@ class FastEngine:
         self._inv_freq = rotary.inv_freq.detach().float().to(self.device)  # the HF buffer, as HF uses it
         self._rope_scale = float(rotary.attention_scaling)
 
-        self.layers = []
-        for layer in lm.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            wqkv, bqkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
-            wgu, bgu = fuse_linears([m.gate_proj, m.up_proj])
-            self.layers.append(LayerWeights(
-                ln1=layer.input_layernorm.weight.detach(),
-                wqkv=wqkv, bqkv=bqkv,
-                wo=a.o_proj.weight.detach(), bo=_detach(a.o_proj.bias),
-                ln2=layer.post_attention_layernorm.weight.detach(),
-                w_gate_up=wgu, b_gate_up=bgu,
-                w_down=m.down_proj.weight.detach(), b_down=_detach(m.down_proj.bias),
-            ))
+        self.layers = [_layer_weights(layer) for layer in lm.model.layers]
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
         self.lm_head = lm.lm_head.weight.detach()  # the embedding itself when tied
 
         if self.compiled:
+            _raise_recompile_limit()
             # prefill: batch and prompt length are marked dynamic on the first call (one artifact
             # for any prompt; the other sizes stay constants, which keeps the index math cheap)
             self._prefill_in = torch.compile(prefill_in, fullgraph=True)
             self._prefill_out = torch.compile(prefill_out, fullgraph=True)
             self._prefill_head = torch.compile(prefill_head, fullgraph=True)
-            # decode: static shapes per batch size, captured in CUDA graphs
+            # decode / extend: static shapes per (batch, new tokens), captured in CUDA graphs
             static = {"fullgraph": True, "dynamic": False, "options": {"coordinate_descent_tuning": autotune}}
             self._decode_in = torch.compile(decode_in, **static)
             self._decode_out = torch.compile(decode_out, **static)
             self._step_in = torch.compile(step_in, **static)
             self._step_out = torch.compile(step_out, **static)
+            self._head = torch.compile(head, **static)
         else:
             self._prefill_in, self._prefill_out, self._prefill_head = prefill_in, prefill_out, prefill_head
             self._decode_in, self._decode_out = decode_in, decode_out
-            self._step_in, self._step_out = step_in, step_out
+            self._step_in, self._step_out, self._head = step_in, step_out, head
 
         self.max_batch = 0
         self.max_seq = 0
-        self.setup(max_batch, max_seq or cfg.max_position_embeddings)
+        self.setup(options.max_batch, options.max_seq or cfg.max_position_embeddings)
 
     # ------------------------------------------------------------------------------------------
     # Allocation and warm-up
@@ -436,18 +295,24 @@ class FastEngine:
     @_plain_no_grad
     def setup(self, max_batch: int, max_seq: int) -> None:
         """Allocate the KV cache and the step buffers for ``max_batch`` rows of ``max_seq`` slots
-        (drops captured graphs; a previous ``PrefillOutput`` becomes unusable)."""
+        (drops captured graphs; a previous ``PrefillOutput`` becomes unusable).
+
+        Raises:
+            ValueError: ``max_batch < 1`` or ``max_seq < 2``.
+        """
         if max_batch < 1 or max_seq < 2:
             raise ValueError(f"fast engine: max_batch ({max_batch}) must be >= 1 and max_seq ({max_seq}) >= 2")
         d, dev = self.dims, self.device
         self.max_batch, self.max_seq = int(max_batch), int(max_seq)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # decode, by (batch, KV length)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # ("decode", B, L) / ("extend", B, S, L)
         self._prefill_graphs: dict[tuple[int, int, bool], PrefillGraph] = {}  # by (batch, length, padded)
         self._prefill_seen: set[bool] = set()  # compiled prefill for batch 1 / batch > 1
         self._views: dict[int, tuple[StepBuffers, list]] = {}
         self._graph_pool = None
         self._prefill_id = 0  # which prefill the cache holds
         self._decoded_id = 0  # which prefill was last decoded (each can be decoded once)
+        self._live_batch = 0  # rows of the live prefill
+        self._cur = 0  # host copy of buf.slot: the next free cache slot
         cache_shape = (d.n_layers, max_batch, d.n_kv_heads, max_seq, d.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
@@ -468,15 +333,16 @@ class FastEngine:
             step=torch.zeros(1, dtype=torch.long, device=dev),
             done=torch.zeros(B, dtype=torch.bool, device=dev),
             eos=torch.full((1,), -1, dtype=torch.long, device=dev),
+            seeds=torch.zeros(B, dtype=torch.long, device=dev),
             out=torch.zeros(B, S, dtype=torch.long, device=dev),
             logits=torch.zeros(B, d.vocab, dtype=torch.float32, device=dev),
-            kv_bias=torch.full((B, S), -math.inf, dtype=self.dtype, device=dev),
+            pad_bias=torch.zeros(B, S, dtype=self.dtype, device=dev),
+            ext_tokens=torch.zeros(B, MAX_EXTEND, dtype=torch.long, device=dev),
+            ext_logits=torch.zeros(B, MAX_EXTEND, d.vocab, dtype=torch.float32, device=dev),
         )
 
     @_plain_no_grad
-    def warmup(
-        self, prompt_len: int, max_new_tokens: int | None = None, batch_sizes: Sequence[int] | None = None
-    ) -> None:
+    def warmup(self, prompt_len: int, max_new_tokens: int | None = None, batch_sizes: Sequence[int] | None = None) -> None:
         """Compile and capture everything a run of ``prompt_len``-token prompts and
         ``max_new_tokens`` new tokens (default: up to ``max_seq``) needs, for each batch size
         (default ``[max_batch]``): the prefill graph of that shape (plus its left-padded variant
@@ -486,32 +352,37 @@ class FastEngine:
         with _counted(self):
             for B in batch_sizes or [self.max_batch]:
                 embeds = 0.02 * torch.randn(B, prompt_len, self.dims.hidden, device=self.device, dtype=self.dtype)
-                mask = torch.ones(B, prompt_len, dtype=torch.long, device=self.device)
+                full = [prompt_len] * B
                 self._capture_prefill(B, prompt_len, padded=False)  # compiles the prefill functions
                 if B > 1:  # a left-padded batch takes the explicit-mask path
                     self._capture_prefill(B, prompt_len, padded=True)
                 if prompt_len > 2:  # the uncaptured path at another length: a recompile, if any, happens now
-                    self._prefill_layers(embeds[:, 1:].contiguous(), mask[:, 1:].bool(), padded=False)
+                    mask = torch.ones(B, prompt_len - 1, dtype=torch.bool, device=self.device)
+                    self._prefill_layers(embeds[:, 1:].contiguous(), mask, padded=False)
                     self._prefill_id += 1
-                prefill = self.prefill(embeds, mask)
+                prefill = self.prefill(embeds, full)
                 self._capture(B, prompt_len, new)  # compiles the decode step; one graph per reachable bucket
                 self.decode(prefill, min(new, 3), None)
                 if B > 1:
-                    mask[0, : prompt_len // 2] = 0
-                self.decode(self.prefill(embeds, mask), min(new, 3), None)
+                    self.decode(self.prefill(embeds, [prompt_len // 2] + full[1:]), min(new, 3), None)
 
     # ------------------------------------------------------------------------------------------
     # Prefill
 
     @_plain_no_grad
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> PrefillOutput:
+    def prefill(self, inputs_embeds: torch.Tensor, lengths: Sequence[int], seeds: Sequence[int] | None = None) -> PrefillOutput:
         """See :class:`stagewise.engine.base.Engine`. ``inputs_embeds`` ``[B, S, D]``, left-padded.
 
-        A (batch, length) shape that :meth:`warmup` captured replays one CUDA graph; any other
-        runs the compiled layer functions one by one (same result, more host work)."""
-        B, S = self._check_prompt(inputs_embeds, attention_mask)
-        mask = attention_mask.to(device=self.device, dtype=torch.bool)
-        padded = not bool(mask.all())
+        A (batch, length, padded) shape that :meth:`warmup` captured replays one CUDA graph; any
+        other runs the compiled layer functions one by one (same result, more host work). Nothing
+        is read back from the device.
+
+        Raises:
+            ValueError: wrong shape, dtype or device; a batch or prompt larger than the cache.
+        """
+        B, S = self._check_prompt(inputs_embeds, lengths)
+        padded = min(lengths) < S
+        mask = padding_mask(lengths, S, self.device).bool()  # [B, S]
         graph = self._prefill_graphs.get((B, S, padded))
         if graph is not None:
             graph.embeds.copy_(inputs_embeds)
@@ -522,11 +393,15 @@ class FastEngine:
             if inputs_embeds.is_inference():  # inference tensors cannot enter compiled graphs
                 inputs_embeds = inputs_embeds.clone()
             logits = self._prefill_layers(inputs_embeds.contiguous(), mask, padded)
-        nxt = logits.argmax(-1)
 
         b = self.buf  # decode state: slots [0, S) hold the prompt, padding masked out
-        b.kv_bias[:B].fill_(-math.inf)
-        b.kv_bias[:B, :S].masked_fill_(mask, 0.0)
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"fast engine: {len(seeds)} seeds for a batch of {B}")
+        b.seeds[:B].copy_(torch.tensor(list(seeds) if seeds is not None else [self.sampling.seed] * B, dtype=torch.long))
+        b.step.fill_(0)
+        nxt = draw_tokens(logits, self.sampling, b.seeds[:B], b.step)
+        b.pad_bias[:B].zero_()
+        b.pad_bias[:B, :S].masked_fill_(~mask, -math.inf)
         b.tokens[:B].copy_(nxt)
         b.pos[:B].copy_(left_pad_positions(mask)[:, -1] + 1)
         b.slot.fill_(S)
@@ -534,7 +409,8 @@ class FastEngine:
         b.out[:B, 0].copy_(nxt)
         b.logits[:B].copy_(logits)
         self._prefill_id += 1
-        return PrefillOutput(nxt, logits, state={"id": self._prefill_id, "batch": B, "prompt_len": S})
+        self._live_batch, self._cur = B, S
+        return PrefillOutput(nxt, logits, B, S, handle=self._prefill_id)
 
     def _prefill_layers(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
         """All layers over the prompt ``x`` ``[B, S, D]``; fills cache slots ``[0, S)``.
@@ -557,7 +433,7 @@ class FastEngine:
             kv = (dyn(self.k_cache[i, :B, :, :S], 0, 2), dyn(self.v_cache[i, :B, :, :S], 0, 2))
             q = self._prefill_in(x, w, rope, kv, dims=d)
             attn = dyn(attend_prefill(q, kv, causal, d.group), 0, 2)
-            x = dyn(self._prefill_out(x, attn, w, dims=d), 0, 1)
+            x = dyn(self._prefill_out(x, attn, w, dims=d, reduce=self.reduce), 0, 1)
         return self._prefill_head(x, self.norm_w, self.lm_head, dims=d)
 
     def _capture_prefill(self, B: int, S: int, padded: bool) -> None:
@@ -589,7 +465,12 @@ class FastEngine:
     @_plain_no_grad
     def decode(self, prefill: PrefillOutput, max_new_tokens: int, eos_token_id: int | None) -> DecodeOutput:
         """See :class:`stagewise.engine.base.Engine`. The host reads the EOS flags every
-        ``check_every`` steps; steps run past the last EOS before that look are not reported."""
+        ``check_every`` steps; steps run past the last EOS before that look are not reported.
+
+        Raises:
+            ValueError: a stale ``prefill`` (already decoded, or another prefill ran since), or
+                more tokens than the cache holds.
+        """
         B, S = self._claim(prefill, max_new_tokens)
         b = self.buf
         b.eos.fill_(-1 if eos_token_id is None else eos_token_id)
@@ -597,16 +478,20 @@ class FastEngine:
         n_steps = max_new_tokens - 1
         self._capture(B, S, max_new_tokens)
 
-        timer = StepTimer(self.device, self.time_steps)
+        timer = StepTimer(self.device, self.options.time_steps)
         timer.mark()
         ran = 0
         for t in range(n_steps):
-            self._step(B, self._bucket(S + t))
+            self._step(("decode", B, self._bucket(S + t)))
             timer.mark()
             ran += 1
-            if eos_token_id is not None and ran % self.check_every == 0 and bool(b.done[:B].all()):
-                break
+            if eos_token_id is not None and ran % self.check_every == 0:
+                self.n_host_syncs += 1
+                if bool(b.done[:B].all()):
+                    break
+        self._cur = S + ran
         tokens = b.out[:B, : ran + 1].cpu()  # [B, T]; the one sync at the end
+        self.n_host_syncs += 1
         n_tokens = count_until_eos(tokens, eos_token_id)
         T = max(n_tokens)
         return DecodeOutput(tokens[:, :T].clone(), n_tokens, timer.intervals_ms()[: T - 1])
@@ -626,38 +511,108 @@ class FastEngine:
         out = [b.logits[:B].clone()]
         for t in range(forced.shape[1]):
             b.tokens[:B].copy_(forced[:, t])
-            self._step(B, self._bucket(S + t))
+            self._step(("decode", B, self._bucket(S + t)))
             out.append(b.logits[:B].clone())
+        self._cur = S + forced.shape[1]
         return torch.stack(out, dim=1)
 
-    def _step(self, B: int, length: int) -> None:
-        graph = self._graphs.get((B, length))
+    # ------------------------------------------------------------------------------------------
+    # Extend (a speculative verify step) and position-only rollback
+
+    @_plain_no_grad
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``[B, S]`` (``S <= MAX_EXTEND``) at the next ``S`` cache slots of the live
+        sequence, in one forward, and return their logits. Positions do not advance: call
+        :meth:`advance` with how many of them to keep (the rest is dropped by position only).
+
+        Returns:
+            ``[B, S, V]`` fp32, a view of a static buffer valid until the next ``extend``.
+
+        Raises:
+            ValueError: no live sequence, a batch other than the live one, ``S`` out of range, or
+                past the end of the cache.
+        """
+        B, S = tokens.shape
+        if self._live_batch == 0 or B != self._live_batch:
+            raise ValueError(f"fast engine: extend needs the live batch of {self._live_batch} rows, got {B}")
+        if not 1 <= S <= MAX_EXTEND:
+            raise ValueError(f"fast engine: extend feeds 1..{MAX_EXTEND} tokens per row, got {S}")
+        if self._cur + S > self.max_seq:
+            raise ValueError(f"fast engine: {self._cur} + {S} slots exceed max_seq={self.max_seq}")
+        self.buf.ext_tokens[:B, :S].copy_(tokens)
+        key = ("extend", B, S, self._bucket(self._cur + S - 1))
+        if self.use_graphs and key not in self._graphs:
+            self._capture_key(key)
+        self._step(key)
+        return self.buf.ext_logits[:B, :S]
+
+    @_plain_no_grad
+    def advance(self, n: int) -> None:
+        """Keep the first ``n`` tokens the last :meth:`extend` fed (their K/V stay; slots past them
+        are hidden by position until overwritten).
+
+        Raises:
+            ValueError: ``n`` negative or past the end of the cache.
+        """
+        if n < 0 or self._cur + n > self.max_seq:
+            raise ValueError(f"fast engine: cannot advance {n} slots from {self._cur} (max_seq {self.max_seq})")
+        self.buf.pos.add_(n)
+        self.buf.slot.add_(n)
+        self._cur += n
+
+    @property
+    def position(self) -> int:
+        """The next free cache slot of the live sequence (host-side; no sync)."""
+        return self._cur
+
+    # ------------------------------------------------------------------------------------------
+    # Steps and their graphs
+
+    def _step(self, key: tuple) -> None:
+        graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()
+        elif key[0] == "decode":
+            self._decode_step(key[1], key[2])
         else:
-            self._decode_step(B, length)
+            self._extend_step(key[1], key[2], key[3])
 
     def _decode_step(self, B: int, length: int) -> None:
         """``decode_one_token``: one token for each of ``B`` rows, attending to ``length`` slots.
         Touches only static buffers, so it can be captured in a CUDA graph."""
         d, mv = self.dims, self.matvec and B == 1
         buf, kvs = self._batch_views(B)
-        bias = buf.kv_bias[:, :length]
-        x, rope = self._step_in(buf, self.embed, self.rope_table)
+        x, rope, bias = self._step_in(buf.tokens[:, None], buf.pos, buf.slot, buf.pad_bias[:, :length],
+                                      self.embed, self.rope_table, group=d.group)
         for w, kv in zip(self.layers, kvs):
             q = self._decode_in(x, w, rope, kv, buf.slot, dims=d, matvec=mv)
             attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)  # slots in use
-            x = self._decode_out(x, attn, w, dims=d, matvec=mv)
-        self._step_out(x, self.norm_w, self.lm_head, buf, dims=d, matvec=mv)
+            x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
+        noise = None if self.sampling.greedy else gumbel_noise(buf.seeds, buf.step, d.vocab)  # eager kernels
+        self._step_out(x, self.norm_w, self.lm_head, buf, noise, dims=d, matvec=mv, sampling=self.sampling)
+
+    def _extend_step(self, B: int, S: int, length: int) -> None:
+        """``S`` fed tokens per row at slots ``[slot, slot + S)``, attending to ``length`` slots;
+        logits into ``ext_logits``. Static buffers only (graph-capturable)."""
+        d = self.dims
+        buf, kvs = self._batch_views(B)
+        x, rope, bias = self._step_in(buf.ext_tokens[:, :S], buf.pos, buf.slot, buf.pad_bias[:, :length],
+                                      self.embed, self.rope_table, group=d.group)
+        slots = buf.slot + self._arange[:S]  # [S]
+        for w, kv in zip(self.layers, kvs):
+            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=False)
+            attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
+            x = self._decode_out(x, attn, w, dims=d, matvec=False, reduce=self.reduce)
+        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=False))
+
+    @functools.cached_property
+    def _arange(self) -> torch.Tensor:
+        return torch.arange(MAX_EXTEND, device=self.device)
 
     def _batch_views(self, B: int) -> tuple[StepBuffers, list]:
         """Step buffers and per-layer cache rows sliced to ``B`` rows (made once per ``B``)."""
         if B not in self._views:
-            b = self.buf
-            rows = StepBuffers(
-                tokens=b.tokens[:B], pos=b.pos[:B], slot=b.slot, step=b.step, done=b.done[:B],
-                eos=b.eos, out=b.out[:B], logits=b.logits[:B], kv_bias=b.kv_bias[:B],
-            )
+            rows = StepBuffers(*(t if name in ("slot", "step", "eos") else t[:B] for name, t in zip(StepBuffers._fields, self.buf)))
             kvs = [(self.k_cache[i, :B], self.v_cache[i, :B]) for i in range(self.dims.n_layers)]
             self._views[B] = (rows, kvs)
         return self._views[B]
@@ -681,44 +636,42 @@ class FastEngine:
         return min(-(-(slot + 1) // self.kv_bucket) * self.kv_bucket, self.max_seq)
 
     def _capture(self, B: int, prompt_len: int, max_new_tokens: int) -> None:
-        """Capture a graph for every bucket a decode of ``max_new_tokens`` after ``prompt_len``
-        reaches and does not have yet (time counted in ``warmup_ms``).
-
-        Each capture is preceded by one eager warm-up step (compiles for a new batch size,
-        autotunes, initializes cuBLAS) at the current slot, with the step state saved and put
-        back; the K/V it writes there is overwritten by the real step before anyone reads it.
-        """
+        """Capture a decode graph for every bucket a decode of ``max_new_tokens`` after
+        ``prompt_len`` reaches and does not have yet (time counted in ``warmup_ms``)."""
         if not self.use_graphs:
             return
-        lengths = sorted({self._bucket(prompt_len + t) for t in range(max_new_tokens - 1)})
-        missing = [L for L in lengths if (B, L) not in self._graphs]
-        if not missing:
-            return
+        for L in sorted({self._bucket(prompt_len + t) for t in range(max_new_tokens - 1)}):
+            if ("decode", B, L) not in self._graphs:
+                self._capture_key(("decode", B, L))
+
+    def _capture_key(self, key: tuple) -> None:
+        """Capture the step ``key`` in a CUDA graph, preceded by one eager warm-up step (compiles
+        for a new shape, autotunes, initializes cuBLAS) at the current slot, with the step state
+        saved and put back; the K/V it writes there is overwritten before anyone reads it."""
         with _counted(self):
             saved = [t.clone() for t in self.buf]
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            for L in missing:
-                with torch.cuda.stream(stream):
-                    self._decode_step(B, L)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                for t, s in zip(self.buf, saved):
-                    t.copy_(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool()):
-                    self._decode_step(B, L)
-                self._graphs[(B, L)] = graph
-                stream.wait_stream(torch.cuda.current_stream(self.device))
+            run = (lambda: self._decode_step(key[1], key[2])) if key[0] == "decode" else (lambda: self._extend_step(*key[1:]))
+            with torch.cuda.stream(stream):
+                run()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t, s in zip(self.buf, saved):
+                t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool()):
+                run()
+            self._graphs[key] = graph  # (capturing records the kernels without running them)
 
     # ------------------------------------------------------------------------------------------
     # Argument checks (user input: ValueError, never assert)
 
-    def _check_prompt(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    def _check_prompt(self, embeds: torch.Tensor, lengths: Sequence[int]) -> tuple[int, int]:
         if embeds.ndim != 3 or embeds.shape[-1] != self.dims.hidden:
             raise ValueError(f"fast engine: inputs_embeds must be [B, S, {self.dims.hidden}], got {list(embeds.shape)}")
         B, S, _ = embeds.shape
-        if tuple(mask.shape) != (B, S):
-            raise ValueError(f"fast engine: attention_mask must be [{B}, {S}], got {list(mask.shape)}")
+        if len(lengths) != B:
+            raise ValueError(f"fast engine: {len(lengths)} lengths for a batch of {B}")
         if embeds.dtype != self.dtype or embeds.device != self.device:
             raise ValueError(
                 f"fast engine: inputs_embeds must be {self.dtype} on {self.device}, "
@@ -734,10 +687,9 @@ class FastEngine:
 
     def _claim(self, prefill: PrefillOutput, max_new_tokens: int) -> tuple[int, int]:
         """Check that ``prefill`` is the live one (not yet decoded) and that the tokens fit."""
-        st = prefill.state
-        if not isinstance(st, dict) or st.get("id") != self._prefill_id or self._decoded_id == self._prefill_id:
+        if prefill.handle != self._prefill_id or self._decoded_id == self._prefill_id:
             raise ValueError("fast engine: this PrefillOutput is stale (already decoded, or another prefill ran since)")
-        B, S = st["batch"], st["prompt_len"]
+        B, S = prefill.batch, prefill.prompt_len
         if max_new_tokens < 1:
             raise ValueError(f"fast engine: max_new_tokens must be >= 1, got {max_new_tokens}")
         if S + max_new_tokens - 1 > self.max_seq:
@@ -747,6 +699,21 @@ class FastEngine:
             )
         self._decoded_id = self._prefill_id
         return B, S
+
+
+def _layer_weights(layer: Any) -> LayerWeights:
+    """One HF decoder layer's weights as :class:`LayerWeights` (q/k/v and gate/up fused in place)."""
+    a, m = layer.self_attn, layer.mlp
+    wqkv, bqkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+    wgu, bgu = fuse_linears([m.gate_proj, m.up_proj])
+    return LayerWeights(
+        ln1=layer.input_layernorm.weight.detach(),
+        wqkv=wqkv, bqkv=bqkv,
+        wo=a.o_proj.weight.detach(), bo=_detach(a.o_proj.bias),
+        ln2=layer.post_attention_layernorm.weight.detach(),
+        w_gate_up=wgu, b_gate_up=bgu,
+        w_down=m.down_proj.weight.detach(), b_down=_detach(m.down_proj.bias),
+    )
 
 
 @contextmanager
