@@ -1,54 +1,32 @@
-"""The ``stagewise`` command: run, verify, render, report, compare.
+"""The ``stagewise`` command: run, verify, render, report, compare, make-dataset.
 
-Bad input ends with one line ``stagewise: error: <file>: <problem>`` and exit status 2,
-never a traceback.
+Bad input ends with one line ``stagewise: error: <file>: <problem>``, never a traceback; every
+argument, input, tokenizer and the output folder are checked before any model is built.
+
+Exit codes (``run``): 0 every sample ok; 3 some samples failed (each recorded with its reason);
+1 no sample ok, or the run crashed; 2 usage error (bad argument or input, before anything ran);
+130 interrupted (Ctrl-C; the finished samples are on disk and the resume command is printed).
+The other commands: 0 ok, 1 a check failed, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from stagewise.errors import InputError
 
 DEFAULT_SIM_SAMPLES = 4
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: CUDA requested but no CUDA device is available")
-    return name
-
-
-def _dtype(name: str, device: str) -> str:
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    if name == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    return aliases.get(name, name)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help="model preset: eventgpt-tiny (default), eventgpt-7b, video-llava-7b, video-llava-tiny, llava-1.5-7b, llava-1.5-tiny")
-    g.add_argument("--weights", default="random", help='"random" (default) or a checkpoint folder')
-    g.add_argument("--tokenizer", default=None, help="LLaMA tokenizer.model (or a folder holding it)")
-    g.add_argument("--vision-tower", default=None, help="local CLIP folder for EventGPT checkpoints saved without tower weights")
-    g.add_argument("--engine", default="hf", choices=["hf", "fast"], help="decode engine (default hf)")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fast-stages", action="store_true", help="all stage 2/3 speed paths: --gpu-preprocess --fuse-vision --vision-graph --vision-compile")
-    g.add_argument("--vision-graph", action="store_true", help="EventGPT: replay stage 3 from a CUDA graph (CUDA only)")
-    g.add_argument("--vision-compile", action="store_true", help="EventGPT: the CLIP tower through one compiled layer function")
-    g.add_argument("--gpu-preprocess", action="store_true", help="stage 2 (event rendering, CLIP resize/normalize) with torch on the device")
-    g.add_argument("--fuse-vision", action="store_true", help="EventGPT: pool before the projector's second linear (same function, fewer FLOPs)")
+def _add_input_args(p: argparse.ArgumentParser) -> None:
     i = p.add_argument_group("inputs (none: the built-in simulated scene)")
     i.add_argument("--events", type=Path, default=None, help="an event file (.npy/.npz/.h5) or a folder of them")
     i.add_argument("--event-images", type=Path, nargs="+", default=None, help="pre-rendered event PNG frames of one sample")
@@ -60,7 +38,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--query", default=None, help="the question (default: the dataset's, else 'What are the key elements in this scene?')")
     i.add_argument("--num-samples", type=int, default=DEFAULT_SIM_SAMPLES, help="samples of the built-in scene (default 4)")
     i.add_argument("--limit", type=int, default=None, help="use only the first N samples")
-    i.add_argument("--window", action="store_true", help="window streams of >= 100 ms to their first 100 ms instead of refusing them")
 
 
 def _samples(args: argparse.Namespace, family: str) -> list[Any]:
@@ -70,6 +47,8 @@ def _samples(args: argparse.Namespace, family: str) -> list[Any]:
 
     q = args.query or DEFAULT_QUERY
     fmt = args.input_format or data.DEFAULT_FORMAT[family]
+    if args.num_samples < 1:
+        raise ValueError(f"num-samples: must be >= 1, got {args.num_samples}")
     if args.dataset is not None:
         samples = data.dataset_samples(args.dataset, fmt, args.dataset_root, args.query)
     elif args.events is not None:
@@ -81,8 +60,6 @@ def _samples(args: argparse.Namespace, family: str) -> list[Any]:
     elif args.image is not None:
         samples = [Sample(args.image.stem, q, image_path=args.image)]
     else:
-        if family != "eventgpt":
-            raise ValueError(f"the built-in scene is an event stream; {family} needs --video, --image or --dataset")
         samples = data.simulated_samples(args.num_samples, q)
     return samples[: args.limit] if args.limit else samples
 
@@ -97,56 +74,58 @@ def _preset_and_family(args: argparse.Namespace) -> tuple[str | None, str]:
     return preset, family_of_preset(preset)
 
 
-def _run_config(args: argparse.Namespace, preset: str | None) -> Any:
-    from stagewise.runner import RunConfig
+def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    return {k: (str(v) if v is not None else None) for k, v in (("events", args.events), ("dataset", args.dataset), ("video", args.video), ("image", args.image))}
 
-    device = _device(args.device)
-    return RunConfig(
-        preset=preset,
-        weights=str(args.weights),
-        engine=args.engine,
-        device=device,
-        dtype=_dtype(args.dtype, device),
-        batch_size=getattr(args, "batch_size", 1),
-        output_len=getattr(args, "output_len", "fixed:46"),
-        max_new_tokens=args.max_new_tokens,
-        warmup=getattr(args, "warmup", 0),
-        repeats=getattr(args, "repeats", 1),
-        window=args.window,
-        gpu_preprocess=args.gpu_preprocess or args.fast_stages,
-        fuse_vision=args.fuse_vision or args.fast_stages,
-        vision_graph=args.vision_graph or args.fast_stages,
-        vision_compile=args.vision_compile or args.fast_stages,
-        measure_ceilings=not getattr(args, "no_ceilings", False),
-        tokenizer=args.tokenizer,
-        vision_tower=args.vision_tower,
-        seed=args.seed,
-        input_format=args.input_format,
-        inputs={k: (str(v) if v is not None else None) for k, v in (("events", args.events), ("dataset", args.dataset), ("video", args.video), ("image", args.image))},
-    )
+
+def _config(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The run's configuration and samples, everything checked before a model is built."""
+    from stagewise.config import RunConfig
+
+    preset, family = _preset_and_family(args)
+    cfg = RunConfig.from_args(args, preset=preset, inputs=_inputs(args))
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
+        raise InputError(cfg.tokenizer, "tokenizer not found (pass a LLaMA tokenizer.model or a folder holding one)")
+    if cfg.vision_tower is not None and not Path(cfg.vision_tower).is_dir():
+        raise InputError(cfg.vision_tower, "vision tower folder not found")
+    return cfg, _samples(args, family)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out exists and is not a folder")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise InputError(out, f"cannot write here ({probe} is not writable)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``stagewise run``: measure the samples, write the run directory, print the stage table.
+    """``stagewise run``: measure the samples, write the run directory, print the stage table and,
+    last, one JSON line with the headline figures (for scripts).
 
-    Returns 0, or 1 when every sample failed.
+    Returns the exit code (module docstring).
     """
     from rich.console import Console
     from tqdm import tqdm
 
+    from stagewise.models.registry import default_tokenizer
+    from stagewise.results.records import read_samples
     from stagewise.results.report import print_summary_table
-    from stagewise.runner import execute
+    from stagewise.runner import check_run_dir, execute
 
     console = Console()
-    preset, family = _preset_and_family(args)
-    samples = _samples(args, family)
-    cfg = _run_config(args, preset)
-    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset or family}-{cfg.engine}"
+    cfg, samples = _config(args)
+    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset or Path(cfg.weights).name}-{cfg.engine}"
+    _check_out(out)
+    check_run_dir(cfg, out, args.resume)
     if cfg.weights == "random":
         console.print("[yellow]random weights: the generated text is meaningless; the timings are what this run is for.[/yellow]")
-        if preset and preset.endswith("-7b") and family == "eventgpt" and cfg.tokenizer is None:
-            console.print("[yellow]no --tokenizer: using the tiny tokenizer shipped with stagewise; prompt lengths differ from LLaMA-2's.[/yellow]")
-    console.print(f"stagewise run: {len(samples)} sample(s) x {cfg.repeats} repeat(s), {preset or cfg.weights}, engine {cfg.engine}, {cfg.device}/{cfg.dtype} -> {out}")
+        warning = default_tokenizer(cfg.preset)[1] if cfg.tokenizer is None else None
+        if warning:
+            console.print(f"[yellow]{warning}[/yellow]")
+    console.print(f"stagewise run: {len(samples)} sample(s) x {cfg.repeats} repeat(s), {cfg.preset or cfg.weights}, engine {cfg.engine}, {cfg.device}/{cfg.dtype} -> {out}")
     bar = tqdm(total=len(samples) * cfg.repeats, unit="sample", desc="measuring", leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -154,44 +133,61 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
-    summary = execute(cfg, samples, out, resume=args.resume, progress=progress)
+    try:
+        summary = execute(cfg, samples, out, resume=args.resume, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        n = len(read_samples(out / "samples.jsonl")) if (out / "samples.jsonl").is_file() else 0
+        argv = [a for a in sys.argv[1:] if a != "--resume"] or ["run"]
+        if "--out" not in argv:
+            argv += ["--out", str(out)]
+        print(f"\nstagewise: interrupted; {n} sample(s) are recorded in {out / 'samples.jsonl'}. Resume with:\n"
+              f"  stagewise {shlex.join(argv)} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     bar.close()
-    import json
-
     config = json.loads((out / "config.json").read_text())
     print_summary_table(summary, config, console)
-    from stagewise.results.records import read_samples
-
     for rec in read_samples(out / "samples.jsonl"):
         if not rec.ok:
             console.print(f"[red]failed[/red] {rec.sample_id}: {rec.error}", markup=True, highlight=False, soft_wrap=True)
     console.print(f"run directory: {out}  (report: {out / 'report.md'})")
-    return 0 if summary["n_failed"] < summary["n_samples"] else 1
+    n, n_failed = summary["n_samples"], summary["n_failed"]
+    code = EXIT_OK if n_failed == 0 else (EXIT_SOME_FAILED if n_failed < n else EXIT_CRASH)
+    print(json.dumps(headline(summary, out, code)))
+    return code
+
+
+def headline(summary: dict[str, Any], run_dir: Path, exit_code: int) -> dict[str, Any]:
+    """The last line of ``stagewise run``: one JSON object (units in the keys, ``null`` never ``NaN``)."""
+    from stagewise.results.records import _finite
+
+    keys = ("mean_e2el_ms", "mean_ttft_ms", "mean_tpot_ms", "median_itl_ms", "mean_prefill_ms", "mean_decode_ms",
+            "request_throughput_req_s", "output_throughput_tok_s")
+    return _finite({"run_dir": str(run_dir), "n_samples": summary["n_samples"], "n_failed": summary["n_failed"],
+                    **{k: summary.get(k) for k in keys}, "exit_code": exit_code})
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``stagewise verify``: fused vs decoupled greedy ids per sample; 0 when all are identical, else 1."""
+    import torch
     from rich.console import Console
     from rich.table import Table
 
     from stagewise.engine import make_engine
     from stagewise.models.registry import load_model
-    from stagewise.runner import configure_model
+    from stagewise.runner import PROMPT_TEXT_BUDGET, resolve_stage_options
     from stagewise.verify import verify_sample
 
     console = Console()
-    preset, family = _preset_and_family(args)
-    samples = _samples(args, family)
-    cfg = _run_config(args, preset)
-    model = load_model(cfg.preset, cfg.weights, device=torch.device(cfg.device), dtype=cfg.torch_dtype, tokenizer=cfg.tokenizer, vision_tower=cfg.vision_tower, seed=cfg.seed)
-    configure_model(model, cfg)
-    n = args.max_new_tokens
-    from stagewise.engine.fast import FastOptions
-
-    max_seq = int(getattr(model, "n_vision_tokens", 0)) + 256 + n + 64
-    engine = make_engine(cfg.engine, model.lm, FastOptions(max_seq=max_seq) if cfg.engine == "fast" else None)
+    cfg, samples = _config(args)
+    model = load_model(cfg.preset, cfg.weights, device=torch.device(cfg.device), dtype=cfg.torch_dtype,
+                       tokenizer=cfg.tokenizer, vision_tower=cfg.vision_tower, seed=cfg.seed)
+    model.configure(resolve_stage_options(model, cfg))
+    n = cfg.max_new_tokens
+    max_seq = model.n_vision_tokens + PROMPT_TEXT_BUDGET + n + 64
+    engine = make_engine(cfg.engine, model.lm, cfg.engine_options(max_batch=1, max_seq=max_seq))
     eos = None if cfg.weights == "random" else model.eos_token_id
-    table = Table(title=f"verify: fused generate() vs decoupled (vision once + {cfg.engine} engine), {preset or cfg.weights}, {cfg.device}/{cfg.dtype}")
+    table = Table(title=f"verify: fused generate() vs decoupled (vision once + {cfg.engine} engine), {cfg.preset or cfg.weights}, {cfg.device}/{cfg.dtype}")
     for col in ("sample", "tokens", "identical", "first diff", "top-2 margin at diff"):
         table.add_column(col)
     results = []
@@ -206,27 +202,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from stagewise.results.records import write_json
 
         write_json(args.out, [r.__dict__ | {"ok": r.ok} for r in results])
-    return 0 if n_ok == len(results) else 1
+    return EXIT_OK if n_ok == len(results) else EXIT_CRASH
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     """``stagewise render``: write the event images of ``--events`` as PNGs; prints their paths."""
+    from stagewise.config import _parse_size
     from stagewise.inputs import events as ev
     from stagewise.preprocess.render import save_event_pngs
 
-    size = None
-    if args.sensor_size:
-        try:
-            h, w = (int(v) for v in args.sensor_size.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"sensor-size: expected HxW such as 480x640, got {args.sensor_size!r}") from None
-        size = (h, w)
+    size = _parse_size(args.sensor_size) if args.sensor_size else None
     stream = ev.read_events(args.events, sensor_size=size)
     stream = ev.check_duration(stream, window=args.window)
-    paths = save_event_pngs(stream, args.out, n_frames=args.frames, sensor_size=size or ((stream.height, stream.width) if stream.height else None), stem=args.events.stem)
+    paths = save_event_pngs(stream, args.out, n_frames=args.frames, sensor_size=size or stream.sensor_size, stem=args.events.stem)
     for p in paths:
         print(p)
-    return 0
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -234,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from stagewise.results.report import write_report
 
     print(write_report(args.run_dir))
-    return 0
+    return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -242,10 +233,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagewise.results.compare import compare_runs, write_compare
 
     result = compare_runs(args.run_dirs, n_boot=args.n_boot, seed=args.seed)
-    paths = write_compare(result, args.out)
-    for p in paths:
+    for p in write_compare(result, args.out):
         print(p)
-    return 0
+    return EXIT_OK
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
@@ -262,34 +252,32 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     if not streams:
         raise ValueError("make-dataset: give --events FILE... and/or --simulated N")
     print(build_dataset(streams, args.out, write_video=not args.no_video))
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from stagewise.config import RunConfig
+
     p = argparse.ArgumentParser(prog="stagewise", description="Stage-resolved inference of multimodal LLMs on event streams and video.")
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the benchmark / inference job (default: tiny EventGPT on the built-in scene)")
-    _add_model_args(r)
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--output-len", default="fixed:46", help="random weights: fixed:N (default fixed:46), mean:X, trace:FILE (a samples.jsonl)")
-    r.add_argument("--max-new-tokens", type=int, default=512, help="real weights: stop at EOS or after this many tokens")
-    r.add_argument("--warmup", type=int, default=1, help="warm-up batches, run and not recorded (default 1)")
-    r.add_argument("--repeats", type=int, default=1, help="measure each sample this many times")
+    RunConfig.add_cli_args(r)
+    _add_input_args(r)
     r.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>-<preset>-<engine>)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
-    r.add_argument("--no-ceilings", action="store_true", help="skip measuring the device's copy bandwidth and matmul rate")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration), skipping finished samples")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("verify", help="check decoupled == fused greedy token ids")
-    _add_model_args(v)
-    v.add_argument("--max-new-tokens", type=int, default=32)
+    RunConfig.add_cli_args(v)
+    _add_input_args(v)
+    v.set_defaults(max_new_tokens=32)
     v.add_argument("--out", type=Path, default=None, help="write the comparison as JSON here")
     v.set_defaults(func=cmd_verify)
     d = sub.add_parser("render", help="event stream -> event-frame PNGs (EventGPT's event images)")
     d.add_argument("--events", type=Path, required=True)
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--frames", type=int, default=5)
-    d.add_argument("--sensor-size", default=None, help="HxW, e.g. 480x640 (default: the file's, else max coordinate + 1 per frame)")
+    d.add_argument("--sensor-size", default=None, help="WxH, e.g. 640x480 (default: the file's, else each part's extent)")
     d.add_argument("--window", action="store_true", help="window streams of >= 100 ms to the first 100 ms")
     d.set_defaults(func=cmd_render)
     md = sub.add_parser("make-dataset", help="write a seeds-style dataset (events, event PNGs, MP4, frame folders) from event files / the built-in scene")
@@ -312,17 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stagewise`` console command. Returns the exit status."""
+    """Entry point of the ``stagewise`` console command. Returns the exit status (module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
         argv = ["run"]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own usage errors (already printed)
+        return EXIT_USAGE if e.code else EXIT_OK
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return args.func(args)
     except (InputError, ValueError, FileExistsError) as e:
-        print(f"stagewise: error: {e}", file=sys.stderr)
-        return 2
+        print(f"stagewise: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nstagewise: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - a crash: one line, the traceback in a log file
+        log = Path(f"stagewise-crash-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        try:
+            log.write_text("".join(traceback.format_exception(e)))
+            where = f" (traceback in {log})"
+        except OSError:
+            where = ""
+        print(f"stagewise: crashed: {type(e).__name__}: {' '.join(str(e).split())[:300]}{where}", file=sys.stderr)
+        return EXIT_CRASH

@@ -24,7 +24,7 @@ def require(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_eventgpt():
     """The eventgpt-tiny preset, fp32 on CPU (shared: tests must not mutate it)."""
-    from stagewise.models.eventgpt import build_random
+    from stagewise.models.registry import build_random
 
     return build_random("eventgpt-tiny", device="cpu", dtype=torch.float32, seed=0)
 

@@ -59,7 +59,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stagewise.engine.base import DecodeOutput, PrefillOutput, count_until_eos, left_pad_positions, padding_mask
+from stagewise.engine.base import (
+    DecodeOutput,
+    PrefillOutput,
+    count_until_eos,
+    left_pad_positions,
+    padding_mask,
+)
 from stagewise.engine.layers import (
     STATIC_ROPE_TYPES,
     Dims,
@@ -76,7 +82,13 @@ from stagewise.engine.layers import (
     prefill_out,
     step_in,
 )
-from stagewise.engine.sampling import GREEDY, SamplingParams, draw_tokens, gumbel_noise, select_tokens
+from stagewise.engine.sampling import (
+    GREEDY,
+    SamplingParams,
+    draw_tokens,
+    gumbel_noise,
+    select_tokens,
+)
 from stagewise.measure.timing import StepTimer
 from stagewise.models.weights import fuse_linears
 

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from stagewise.engine.base import DecodeOutput, PrefillOutput, count_until_eos, left_pad_positions, padding_mask
+from stagewise.engine.base import (
+    DecodeOutput,
+    PrefillOutput,
+    count_until_eos,
+    left_pad_positions,
+    padding_mask,
+)
 from stagewise.engine.sampling import GREEDY, SamplingParams, hf_warpers
 from stagewise.measure.timing import StepTimer
 

@@ -75,29 +75,16 @@ def llama_decode_bytes(cfg: Any, prompt_len: int, n_out: int, batch: int = 1, el
     return sum(llama_decode_step_bytes(cfg, prompt_len + i, batch, elem_bytes) for i in range(1, n_out))
 
 
-def clip_vision_flops(vcfg: Any, n_images: int) -> float:
-    """CLIP ViT FLOPs for ``n_images``: patch embedding, every encoder layer (full attention)."""
+def clip_vision_flops(vcfg: Any, n_images: int, layers: int | None = None) -> float:
+    """CLIP ViT FLOPs for ``n_images``: patch embedding and ``layers`` encoder layers (default all;
+    full attention over ``(S / p)^2 + 1`` tokens: ``2 n (4 d^2 + 2 d I) + 4 n^2 d`` per layer)."""
     d, inter, n_l = _get(vcfg, "hidden_size"), _get(vcfg, "intermediate_size"), _get(vcfg, "num_hidden_layers")
     p, size = _get(vcfg, "patch_size"), _get(vcfg, "image_size")
     n_patch = (size // p) ** 2
     n = n_patch + 1
     patch = 2.0 * n_patch * 3 * p * p * d
     layer = 2.0 * n * (4 * d * d + 2 * d * inter) + 4.0 * n * n * d
-    return n_images * (patch + n_l * layer)
-
-
-def eventgpt_vision_flops(model: Any, n_images: int) -> float:
-    """Stage-3 FLOPs of EventGPT: tower + projector + adaptor (pooling not counted).
-
-    With ``model.fuse_vision`` the projector's second linear and the adaptor run on the
-    ``T + S`` pooled tokens instead of ``T x S``.
-    """
-    vcfg = model.visual_tower.config
-    d_v, d = vcfg.hidden_size, model.lm.config.hidden_size
-    s = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
-    first = 2.0 * n_images * s * d_v * d
-    tail_tokens = (n_images + s) if model.fuse_vision else n_images * s
-    return clip_vision_flops(vcfg, n_images) + first + 2.0 * tail_tokens * 2 * d * d
+    return n_images * (patch + (n_l if layers is None else layers) * layer)
 
 
 def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: int = 8192, repeats: int = 10) -> dict[str, float]:

@@ -16,10 +16,12 @@ family, so one decode engine serves all of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -36,8 +38,8 @@ class Sample:
         event_image_paths: pre-rendered event frames (PNG), in temporal order.
         video_path: an MP4 file, or a folder of frame images.
         image_path: a single image (LLaVA-1.5).
-        events: an in-memory structured event array (``stagewise.inputs.events.EVENT_DTYPE``),
-            used by the built-in simulated scene; no file is read then.
+        events: an in-memory event stream (``stagewise.inputs.events.EventStream``), used by the
+            built-in simulated scene; no file is read then.
         sensor_size: ``(height, width)`` of the event sensor when known.
     """
 
@@ -52,61 +54,118 @@ class Sample:
 
 
 @dataclass
+class Loaded:
+    """Output of stage 1: an event stream, or frames.
+
+    Attributes:
+        stream: an ``EventStream`` (EventGPT on raw events), or ``None``.
+        frames: ``N`` images ``[H, W, 3]`` uint8 RGB (sizes may differ), or ``None``.
+        source: the file the sample came from (for messages).
+        shapes: name -> shape for the report's data-shape table.
+        notes: what stage 1 did that a reader of the record should know (e.g. events sorted).
+    """
+
+    stream: Any = None
+    frames: Sequence[np.ndarray] | None = None
+    source: str = ""
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Prepared:
     """Output of stage 2.
 
     Attributes:
         pixel_values: ``[N, 3, H, W]`` on the model device in the model dtype
             (N = frames or images for this sample).
-        input_ids: ``[S_text]`` int64 on the model device; the vision placeholder
-            (``placeholder_id``) stands where the vision embeddings go.
+        input_ids: ``[S_text]`` int64 on the model device; the vision placeholder stands at
+            ``placeholder_index`` (a negative id, or the family's placeholder token).
         shapes: name -> shape list for the report's data-shape table.
         placeholder_index: position of the vision placeholder in ``input_ids``, known on the
-            host at tokenization (so the splice in stage 4 needs no device-to-host read), or
-            ``None`` when the model finds it itself.
+            host at tokenization (so the splice in stage 4 needs no device-to-host read).
+        notes: carried from stage 1, plus what stages 2-4 add (e.g. a prompt cut).
     """
 
     pixel_values: torch.Tensor
     input_ids: torch.Tensor
     shapes: dict[str, list[int]] = field(default_factory=dict)
-    placeholder_index: int | None = None
+    placeholder_index: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 @runtime_checkable
 class MultimodalModel(Protocol):
-    """A multimodal LLM seen as five stages.
+    """A multimodal LLM seen as five stages: everything the runner, ``verify`` and the engines use.
 
     Attributes:
         name: family name (``"eventgpt"``, ``"video-llava"``, ``"llava-1.5"``).
         lm: the ``LlamaForCausalLM`` decoder the engines drive.
-        device: torch device of all weights.
-        dtype: compute dtype of all weights.
         eos_token_id: end-of-sequence id of the tokenizer.
+        n_frames: images per sample.
     """
 
     name: str
     lm: Any
-    device: torch.device
-    dtype: torch.dtype
     eos_token_id: int
+    n_frames: int
 
-    def load(self, sample: Sample) -> Any:
+    @property
+    def device(self) -> torch.device:
+        """Device of all weights."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of all weights."""
+        ...
+
+    @property
+    def n_vision_tokens(self) -> int:
+        """Vision embeddings per sample (sizes the static KV cache)."""
+        ...
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prefill the LM accepts."""
+        ...
+
+    def configure(self, options: Any) -> Any:
+        """Apply stage options (``stagewise.models.family.StageOptions``); returns what was applied."""
+        ...
+
+    def applicable(self, options: Any) -> Any:
+        """The subset of ``options`` this model and device can serve."""
+        ...
+
+    def load(self, sample: Sample) -> Loaded:
         """Stage 1: read the sample's inputs from disk into host memory."""
+        ...
 
-    def preprocess(self, loaded: Any, query: str) -> Prepared:
+    def preprocess(self, loaded: Loaded, query: str) -> Prepared:
         """Stage 2: render / resize / normalize pixels onto the device; tokenize the prompt."""
+        ...
 
     def encode_vision(self, prepared: Prepared) -> torch.Tensor:
         """Stage 3: ``[N_vision, hidden]`` vision embeddings in LM space, model dtype."""
+        ...
 
     def build_inputs_embeds(self, prepared: Prepared, vision: torch.Tensor) -> torch.Tensor:
         """Stage 4 (first part): ``[S_prefill, hidden]`` LM input embeddings, vision spliced in."""
+        ...
 
     def generate_fused(self, prepared: Prepared, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
         """The fused reference path: pixels in, one ``generate`` call, greedy token ids out."""
+        ...
 
-    def decode_text(self, ids: list[int]) -> str:
+    def decode_text(self, ids: Sequence[int]) -> str:
         """Token ids -> text, special tokens skipped."""
+        ...
 
     def vision_flops(self, n_images: int) -> float:
-        """FLOPs of stage 3 for ``n_images`` images (tower + projector + adaptor)."""
+        """FLOPs of stage 3 for ``n_images`` images."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture and applied-option facts for ``config.json``."""
+        ...

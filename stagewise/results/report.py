@@ -185,25 +185,40 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[Sample
 
 
 def _metric(summary: dict[str, Any], name: str) -> dict[str, Any]:
-    return summary.get("metrics", {}).get(name) or {}
+    """``{"mean", "p50", "p90", "p99", "min", "max"}`` of one metric from the flat summary."""
+    return {k: summary.get(f"{'median' if k == 'p50' else k}_{name}") for k in ("mean", "p50", "p90", "p99", "min", "max")}
 
 
 def _stage_means(summary_or_stage_ms: dict[str, Any]) -> dict[str, float]:
-    """``{stage: mean ms}`` from a summary (``metrics``) or a plain ``{stage: ms}`` dict."""
-    if "metrics" in summary_or_stage_ms:
+    """``{stage: mean ms}`` from a summary or a plain ``{stage: ms}`` dict."""
+    if "mean_load_ms" in summary_or_stage_ms:
         vals = {s: _metric(summary_or_stage_ms, f"{s}_ms").get("mean") for s in STAGES}
     else:
         vals = {s: summary_or_stage_ms.get(s) for s in STAGES}
     return {s: (float(v) if _finite(v) else 0.0) for s, v in vals.items()}
 
 
+def requested(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's requested configuration (``config.json``'s ``requested``; older runs: the top level)."""
+    return config.get("requested", config)
+
+
 def _title(config: dict[str, Any]) -> list[str]:
-    g = config.get
-    out = [f"# stagewise run: {g('model', '?')} · preset {g('preset', '?')} · engine {g('engine', '?')}", ""]
+    g = requested(config).get
+    out = [f"# stagewise run: {config.get('model', '?')} · preset {g('preset', '?')} · engine {g('engine', '?')}", ""]
     out.append(
         f"weights: `{g('weights', '?')}` · dtype {g('dtype', '?')} · device {g('device', '?')} · "
         f"batch size {g('batch_size', '?')} · output length {g('output_len', '?')}"
     )
+    applied = config.get("applied")
+    if isinstance(applied, dict):
+        dec = applied.get("decoding") or {}
+        text = "greedy" if dec.get("decoding") == "greedy" else ", ".join(f"{k} {v}" for k, v in dec.items())
+        out += ["", f"decoding: {text} · applied stage options: "
+                + ", ".join(k for k, v in (applied.get("stages") or {}).items() if v is True) or "none"]
+        eng = applied.get("engine") or {}
+        if eng:
+            out.append("engine applied: " + " · ".join(f"{k} {v}" for k, v in eng.items()))
     env = config.get("env")
     if isinstance(env, dict) and env:
         out.append("")
@@ -225,11 +240,11 @@ def _stage_section(summary: dict[str, Any], config: dict[str, Any]) -> list[str]
     rows.append(["sum of stages", fmt_num(total), "", "", "", "100.0" if total > 0 else "–"])
     out = ["## Stage breakdown", ""]
     out += md_table(["stage", "mean (ms)", "p50 (ms)", "p90 (ms)", "p99 (ms)", "share of stage sum (%)"], rows)
-    e2e = _metric(summary, "e2e_ms").get("mean")
+    e2e = _metric(summary, "e2el_ms").get("mean")
     if _finite(e2e) and e2e > 0 and total > 0:
         out += ["", f"Stages sum to {fmt_num(total)} ms against a measured end-to-end mean of "
                     f"{fmt_num(e2e)} ms ({100.0 * (total - e2e) / e2e:+.2f} %)."]
-    b = config.get("batch_size")
+    b = requested(config).get("batch_size")
     if isinstance(b, int) and b > 1:
         out += ["", f"Batch size {b}: stage times are those of the whole batch (every sample of a batch "
                     "carries its batch's times)."]
@@ -237,8 +252,8 @@ def _stage_section(summary: dict[str, Any], config: dict[str, Any]) -> list[str]
 
 
 def _e2e_section(summary: dict[str, Any]) -> list[str]:
-    names = [("e2e (ms)", "e2e_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
-             ("ITL p50 (ms)", "itl_p50_ms"), ("ITL p99 (ms)", "itl_p99_ms"), ("decode (tok/s)", "decode_tok_s")]
+    names = [("E2EL (ms)", "e2el_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
+             ("ITL (ms)", "itl_ms"), ("decode (tok/s)", "decode_throughput_tok_s")]
     rows = []
     for label, key in names:
         m = _metric(summary, key)
@@ -246,10 +261,10 @@ def _e2e_section(summary: dict[str, Any]) -> list[str]:
                      fmt_num(m.get("p99"))])
     out = ["## End to end", ""]
     out += md_table(["metric", "mean", "p50", "p90", "p99"], rows)
-    out += ["", f"Throughput: {fmt_num(summary.get('samples_per_s'))} samples/s · "
-                f"{fmt_num(summary.get('output_tok_s'))} output tok/s (each batch counted once)."]
-    out += ["", "TTFT = load + preprocess + vision + prefill; TPOT = decode / (output tokens - 1); "
-                "ITL p50/p99 are per-sample percentiles of the decode step times (rows: statistics over samples)."]
+    out += ["", f"Throughput: {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
+                f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s (each batch counted once)."]
+    out += ["", "TTFT = load + preprocess + vision + prefill; TPOT = (E2EL - TTFT) / (output tokens - 1); "
+                "ITL rows pool every decode step of every sample (docs/metrics.md)."]
     return out
 
 
@@ -525,7 +540,8 @@ def print_summary_table(summary: dict[str, Any], config: dict[str, Any], console
     from rich.table import Table
 
     console = console or Console()
-    title = f"{config.get('model', '?')} · {config.get('preset', '?')} · engine {config.get('engine', '?')}"
+    req = requested(config)
+    title = f"{config.get('model', '?')} · {req.get('preset', '?')} · engine {req.get('engine', '?')}"
     t = Table(title=escape(title))
     t.add_column("stage / metric")
     for h in ("mean", "p50", "p90", "p99", "share (%)"):
@@ -536,17 +552,17 @@ def print_summary_table(summary: dict[str, Any], config: dict[str, Any], console
         t.add_row(f"{s} (ms)", fmt_num(m.get("mean")), fmt_num(m.get("p50")), fmt_num(m.get("p90")),
                   fmt_num(m.get("p99")), fmt_pct(share.get(s)))
     t.add_section()
-    for label, key in [("e2e (ms)", "e2e_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
-                       ("decode (tok/s)", "decode_tok_s")]:
+    for label, key in [("E2EL (ms)", "e2el_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
+                       ("ITL (ms)", "itl_ms"), ("decode (tok/s)", "decode_throughput_tok_s")]:
         m = _metric(summary, key)
         t.add_row(label, *(fmt_num(m.get(k)) for k in ("mean", "p50", "p90", "p99")), "")
     console.print(t)
     n, n_failed = summary.get("n_samples", 0), summary.get("n_failed", 0)
-    line = (f"{n - n_failed} ok / {n} samples · {fmt_num(summary.get('samples_per_s'))} samples/s · "
-            f"{fmt_num(summary.get('output_tok_s'))} output tok/s")
+    line = (f"{n - n_failed} ok / {n} samples · {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
+            f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s")
     if _finite(summary.get("warmup_ms")):
         line += f" · warm-up {fmt_num(summary['warmup_ms'])} ms"
     console.print(line)
-    if config.get("weights") == "random":
+    if req.get("weights") == "random":
         console.print(escape(RANDOM_WEIGHTS_WARNING))
     return t
