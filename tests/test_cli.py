@@ -48,7 +48,7 @@ def test_render_writes_pngs(tmp_path):
     rng = np.random.default_rng(0)
     n = 500
     np.savez(npy, x=rng.integers(0, 64, n).astype(np.uint16), y=rng.integers(0, 48, n).astype(np.uint16), t=np.sort(rng.integers(0, 40_000, n)).astype(np.int64), p=rng.integers(0, 2, n).astype(np.uint8))
-    assert main(["render", "--events", str(npy), "--out", str(tmp_path / "png"), "--sensor-size", "48x64"]) == 0
+    assert main(["render", "--events", str(npy), "--out", str(tmp_path / "png"), "--sensor-size", "64x48"]) == 0
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 5 and Image.open(pngs[0]).size == (64, 48)
 

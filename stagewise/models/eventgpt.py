@@ -245,17 +245,24 @@ class EventGPT(nn.Module):
     def load(self, sample: Sample) -> LoadedEvents:
         """Stage 1: the event stream (file or in-memory) or the pre-rendered PNG frames.
 
+        A sample with ``window_us`` (``--window-ms``) reads only that window of its file
+        (:func:`stagewise.inputs.samples.read_sample_events`); ``trust_pickle`` and
+        ``input_error`` of the sample are honoured there.
+
         Raises:
-            InputError: unreadable file, bad stream, stream of ``>= max_duration_us``
-                without ``window``.
+            InputError: unreadable file (any reader failure, one line), bad stream, stream of
+                ``>= max_duration_us`` without ``window``.
         """
         from stagewise.inputs import events as ev
+        from stagewise.inputs.samples import read_sample_events
 
+        if sample.input_error:
+            raise InputError(None, sample.input_error)
         if sample.events is not None:
             stream = sample.events
             src = stream.source
         elif sample.events_path is not None:
-            stream = ev.read_events(sample.events_path, sensor_size=sample.sensor_size or self.sensor_size)
+            stream = read_sample_events(sample, self.sensor_size)
             src = str(sample.events_path)
         elif sample.event_image_paths:
             frames = ev.read_event_frames(sample.event_image_paths)
