@@ -329,7 +329,7 @@ def _trusted_load(path: Path) -> Any:
 def _load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(path, "rb") as fh:
         if fh.read(6) == b"\x93NUMPY":
-            raise InputError(path, "not a .npz archive (it holds one array, as a .npy would); rename it to .npy")
+            raise InputError(path, "not a readable .npz file: not a .npz archive (it starts like a .npy array; rename it to .npy)")
     try:
         with zipfile.ZipFile(path) as zf:
             declared = sum(info.file_size for info in zf.infolist())

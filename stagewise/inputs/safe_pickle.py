@@ -159,11 +159,8 @@ def load_pickle(data: bytes, path: str | Path | None) -> Any:
     except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
         text = " ".join(str(err).split())[:200]
         raise InputError(path, f"not a readable pickle ({type(err).__name__}: {text})") from None
+    if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
+        obj = obj.item()
     if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-        if obj.shape == () and obj.dtype == object:
-            obj = obj.item()
-        else:
-            raise InputError(
-                path, f"holds an object array of shape {obj.shape}; stagewise reads only numeric arrays from a pickle; {TRUST_HINT}"
-            )
+        raise InputError(path, f"holds an object array of shape {obj.shape}; stagewise reads only numeric arrays from a pickle; {TRUST_HINT}")
     return obj
