@@ -374,6 +374,8 @@ def _load_h5(path: Path, t0_us: int | None, t1_us: int | None) -> tuple[dict[str
                 shown = ", ".join(f"{k} {s}" for k, s in lengths.items())
                 raise InputError(path, f"events/x, y, t, p must be 1-D of one length, got shapes {shown}")
             n = int(lengths["t"][0])
+            for k, d in ds.items():
+                _check_h5_stored(path, f"events/{k}", d)
             ms_ds = f["ms_to_idx"] if "ms_to_idx" in f else None
             if ms_ds is not None and (not isinstance(ms_ds, h5py.Dataset) or len(ms_ds.shape) != 1):
                 raise InputError(path, f"ms_to_idx must be a 1-D dataset, got {ms_ds!r}")
@@ -451,6 +453,23 @@ def _h5_rows(path: Path, ms_ds: Any, n: int, t0_us: int | None, t1_us: int | Non
     if i1 < i0 and t1_us is not None and (t0_us is None or t1_us > t0_us):
         raise InputError(path, "ms_to_idx is not sorted (a later millisecond points to an earlier row)")
     return i0, max(i0, i1)
+
+
+H5_MAX_RATIO = 1024
+"""A dataset may declare at most this many bytes per byte it stores (DSEC's Blosc files store
+about 1 byte per 4): beyond, its shape is corrupt and reading it would only allocate fill values."""
+
+
+def _check_h5_stored(path: Path, name: str, ds: Any) -> None:
+    """Refuse a dataset whose declared size is far beyond what the file stores for it."""
+    import h5py
+
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(path, f"{name} must be a dataset, got {type(ds).__name__}")
+    declared = int(np.prod(ds.shape, dtype=np.float64)) * int(ds.dtype.itemsize) if ds.shape else int(ds.dtype.itemsize)
+    stored = int(ds.id.get_storage_size())
+    if declared > H5_MAX_RATIO * max(stored, 1 << 16):
+        raise InputError(path, f"{name} declares {declared} bytes but the file stores {stored} for it (corrupt shape)")
 
 
 def _check_count(path: Path, n: int) -> None:

@@ -150,7 +150,7 @@ def _scan_h5(path: Path, window_us: int, max_windows: int | None) -> list[int]:
     """Window indices holding events of a DSEC-layout file, reading ``events/t`` in chunks."""
     import h5py
 
-    from stagewise.inputs.events import _import_hdf5plugin
+    from stagewise.inputs.events import _check_h5_stored, _import_hdf5plugin
 
     _import_hdf5plugin()
     found: set[int] = set()
@@ -158,6 +158,7 @@ def _scan_h5(path: Path, window_us: int, max_windows: int | None) -> list[int]:
         if "events/t" not in f or not isinstance(f["events/t"], h5py.Dataset) or len(f["events/t"].shape) != 1:
             raise InputError(path, "missing dataset events/t (a 1-D array); an event file needs x, y, t, p")
         ds = f["events/t"]
+        _check_h5_stored(path, "events/t", ds)
         n = int(ds.shape[0])
         ordered, last = True, None
         for i in range(0, n, H5_SCAN_ROWS):
