@@ -8,7 +8,7 @@ it is the one maintained package that reads every format above (the others read 
 format each), decodes a generated 10 s, 20 M-event recording correctly in every format at
 30-40 M events/s on one CPU core, and yields the stream in chunks of a few thousand events,
 so a window of a long recording is read without holding the recording in memory (notes and
-numbers: ``notes/inputs_camera_readers.md``).
+numbers: ``docs/camera_readers.md``).
 
 What comes out is what every stagewise reader returns (``stagewise.inputs.events``):
 
