@@ -139,6 +139,41 @@ def test_sequential_windows_decode_the_recording_once(recs, monkeypatch):
     camera.close_cursors()
 
 
+def test_any_sequence_of_window_reads_equals_slices(recs, monkeypatch):
+    # Forward steps, repeats (--repeats reads a window twice), small and large jumps back:
+    # the cursor must return exactly the slice of the whole recording every time.
+    files, _ = recs
+    path = files["evt3"]
+    camera.close_cursors()
+    full = read_events(path).events
+    opens = []
+    original = camera.CameraFile.chunks
+    monkeypatch.setattr(camera.CameraFile, "chunks", lambda self: (opens.append(1), original(self))[1])
+    rng = np.random.default_rng(7)
+    t0, n_repeats = 0, 0
+    for step in range(300):
+        r = rng.random()
+        if r < 0.5:
+            t0 += int(rng.integers(0, 30_000))
+        elif r < 0.8:
+            n_repeats += 1  # the same window again
+        elif r < 0.9:
+            t0 = max(0, t0 - int(rng.integers(0, 30_000)))
+        else:
+            t0 = int(rng.integers(0, 240_000))
+        t0 = t0 if t0 < 250_000 else 0
+        t1 = t0 + int(rng.integers(1, 40_000))
+        want = slice_time(full, t0, t1)
+        if len(want) == 0:
+            with pytest.raises(InputError):
+                read_events(path, t0_us=t0, t1_us=t1)
+            continue
+        got = read_events(path, t0_us=t0, t1_us=t1).events
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}: [{t0}, {t1})")
+    assert n_repeats > 50 and len(opens) < 100, "repeats replay the window instead of decoding from the start"
+    camera.close_cursors()
+
+
 def test_h5_windows_match_and_read_only_their_window(tmp_path):
     from stagewise.inputs.simulate import moving_edge_events
 
@@ -156,6 +191,7 @@ def _run(argv):
     return main(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["evt3", "aedat4"])
 def test_run_windows_of_a_camera_recording(recs, tmp_path, fmt):
     # The command: a recording with no size in its header needs --sensor-size.

@@ -63,6 +63,7 @@ def test_folder_every_file_is_a_sample_and_bad_ones_fail_at_stage_1(mixed_folder
         one_line(err, fragment)
 
 
+@pytest.mark.slow
 def test_folder_run_records_each_failure_and_goes_on(mixed_folder, tmp_path, capsys):
     out = tmp_path / "run"
     main(["run", "--events", str(mixed_folder), "--out", str(out), "--output-len", "fixed:2", "--no-ceilings", "--warmup", "0"])
@@ -117,6 +118,7 @@ def test_real_dsec_windows_are_the_ms_grid():
     assert len(w) == int(np.sum(full["t"] >= 50_000))
 
 
+@pytest.mark.slow
 def test_run_windows_of_the_real_sample(tmp_path):
     if not SAMPLE_NPY.is_file():
         pytest.skip(f"{SAMPLE_NPY} absent")

@@ -75,6 +75,9 @@ INSTALL_HINT = "pip install 'stagewise[camera]' (or pip install faery)"
 _CURSORS_MAX = 4
 """Open decoders kept for sequential window reads (one per recording being windowed)."""
 
+MAX_EVENTS_PER_READ = 1 << 28
+"""As ``stagewise.inputs.events.MAX_EVENTS_PER_READ`` (repeated here: events imports this module)."""
+
 
 def faery_module(path: str | Path | None = None, kind: str = "evt") -> Any:
     """Import faery lazily.
@@ -250,7 +253,12 @@ def read_camera(
     if cam.header_size is not None:
         meta["height"], meta["width"] = cam.header_size
     if t0_us is None and t1_us is None:
-        parts = list(cam.chunks())
+        parts, total = [], 0
+        for chunk in cam.chunks():
+            total += len(chunk)
+            if total > MAX_EVENTS_PER_READ:
+                raise InputError(path, f"holds more than {MAX_EVENTS_PER_READ} events, more than one read may hold; read it in windows (--window-ms)")
+            parts.append(chunk)
         if not parts:
             raise InputError(path, "holds no events (empty stream)")
         ev = np.concatenate(parts)
@@ -305,14 +313,26 @@ def scan_camera_windows(
 
 @dataclass
 class _Cursor:
-    """A live decoder positioned inside a recording."""
+    """A live decoder positioned inside a recording.
+
+    ``pending`` holds decoded chunks not yet consumed (the first may be the tail of a chunk
+    the previous window ended in); ``replay`` the chunks the last window read, in full, so
+    that reading that window again (``--repeats``) replays them instead of decoding the
+    recording from its start.
+    """
 
     key: tuple[Any, ...]
     chunks: Iterator[np.ndarray]
     origin: int
-    pending: np.ndarray  # decoded, not yet consumed events (absolute t >= pos)
+    pending: list[np.ndarray]
     pos: int  # every event with absolute t < pos has been consumed
-    last_t: int = -1
+    last_t: int
+    replay: list[np.ndarray] = field(default_factory=list)
+    replay_lo: int | None = None
+    split: bool = False  # pending[0] is the tail of replay[-1]
+
+
+_FAR = 2**62
 
 
 @dataclass
@@ -327,26 +347,34 @@ class _CursorCache:
     def window(self, cam: CameraFile, t0_us: int | None, t1_us: int | None) -> tuple[np.ndarray, int]:
         """Events with ``t0_us <= t - origin < t1_us`` (absolute ``t``) and the origin."""
         st = os.stat(cam.path)
-        key = (str(cam.path.resolve()), st.st_mtime_ns, st.st_size, cam.decode_size)
+        key = (str(cam.path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size, cam.decode_size)
         name = key[0]
         cur = self.cursors.get(name)
         if cur is not None and cur.key != key:
             cur = None
-        if cur is not None and (-(2**62) if t0_us is None else cur.origin + t0_us) < cur.pos:
-            cur = None  # going back in time: start over
+        if cur is not None:
+            lo = -_FAR if t0_us is None else cur.origin + t0_us
+            if lo < cur.pos:  # going back
+                if cur.replay_lo is not None and lo >= cur.replay_lo:
+                    rest = cur.pending[1:] if cur.split else cur.pending
+                    cur.pending, cur.pos = list(cur.replay) + rest, cur.replay_lo
+                else:
+                    cur = None  # before the last window: start over
         if cur is None:
             cur = self._open(cam, key)
         self.cursors[name] = cur
         self.cursors.move_to_end(name)
         while len(self.cursors) > _CURSORS_MAX:
             self.cursors.popitem(last=False)
-        lo = cur.origin + t0_us if t0_us is not None else -(2**62)
-        hi = cur.origin + t1_us if t1_us is not None else 2**62
+        lo = -_FAR if t0_us is None else cur.origin + t0_us
+        hi = _FAR if t1_us is None else cur.origin + t1_us
         out: list[np.ndarray] = []
+        used: list[np.ndarray] = []
+        split = False
         try:
             while True:
-                if len(cur.pending):
-                    chunk, cur.pending = cur.pending, cur.pending[:0]
+                if cur.pending:
+                    chunk = cur.pending.pop(0)
                 else:
                     chunk = next(cur.chunks, None)
                     if chunk is None:  # end of the recording
@@ -356,18 +384,20 @@ class _CursorCache:
                     if t_new[0] < cur.last_t or (t_new.size > 1 and np.any(t_new[1:] < t_new[:-1])):
                         raise InputError(cam.path, "timestamps go backwards; a windowed read needs a time-ordered camera file")
                     cur.last_t = int(t_new[-1])
+                used.append(chunk)
                 t = chunk["t"].astype(np.int64)
                 i0 = int(np.searchsorted(t, lo, side="left"))
                 i1 = int(np.searchsorted(t, hi, side="left"))
                 if i1 > i0:
                     out.append(chunk[i0:i1])
                 if i1 < len(chunk):  # the window ends inside this chunk: keep the rest for the next window
-                    cur.pending = chunk[i1:]
-                    cur.pos = hi
+                    cur.pending.insert(0, chunk[i1:])
+                    cur.pos, split = hi, True
                     break
         except BaseException:
             self.cursors.pop(name, None)  # a decoder that failed is not resumed
             raise
+        cur.replay, cur.replay_lo, cur.split = used, lo, split
         dtype = out[0].dtype if out else np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "?")])
         ev = np.concatenate(out) if out else np.zeros(0, dtype=dtype)
         return ev, cur.origin
@@ -381,7 +411,7 @@ class _CursorCache:
         t = first["t"].astype(np.int64)
         if t.size > 1 and np.any(t[1:] < t[:-1]):
             raise InputError(cam.path, "timestamps go backwards; a windowed read needs a time-ordered camera file")
-        return _Cursor(key=key, chunks=chunks, origin=int(t[0]), pending=first, pos=-(2**62), last_t=int(t[-1]))
+        return _Cursor(key=key, chunks=chunks, origin=int(t[0]), pending=[first], pos=-_FAR, last_t=int(t[-1]))
 
 
 _CURSORS = _CursorCache()
