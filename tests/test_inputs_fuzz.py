@@ -126,9 +126,9 @@ def test_mutated_files_give_only_input_errors(seeds, tmp_path, monkeypatch):
         for i in range(N_MUTATIONS):
             path = tmp_path / f"m{i:03d}_{name}"  # a new name each time: no reader caches a stale file
             path.write_bytes(mutate(data, rng))
-            calls = [lambda: read_events(path), lambda: read_events(path, t0_us=2000, t1_us=9000)]
+            calls = [lambda p=path: read_events(p), lambda p=path: read_events(p, t0_us=2000, t1_us=9000)]
             if i % 3 == 0:
-                calls.append(lambda: plan_windows(path, 5000, max_windows=3))
+                calls.append(lambda p=path: plan_windows(p, 5000, max_windows=3))
             for call in calls:
                 try:
                     call()

@@ -12,8 +12,18 @@ from conftest import DSEC_H5, SAMPLE_NPY
 
 from stagewise.cli import main
 from stagewise.errors import InputError
-from stagewise.inputs.events import MAX_SENSOR_SIDE, EventStream, parse_sensor_size, read_events, write_events
-from stagewise.inputs.samples import dataset_samples, discover_event_samples, read_sample_events
+from stagewise.inputs.events import (
+    MAX_SENSOR_SIDE,
+    EventStream,
+    parse_sensor_size,
+    read_events,
+    write_events,
+)
+from stagewise.inputs.samples import (
+    dataset_samples,
+    discover_event_samples,
+    read_sample_events,
+)
 from stagewise.inputs.simulate import moving_edge_events
 from stagewise.inputs.windows import plan_windows
 from stagewise.models.base import Sample

@@ -25,11 +25,11 @@ of events one read may hold (:data:`MAX_EVENTS_PER_READ`).
 
 from __future__ import annotations
 
-import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -290,17 +290,17 @@ def _load_npy(path: Path, *, trust_pickle: bool) -> tuple[dict[str, np.ndarray],
             try:
                 version = np.lib.format.read_magic(fh)
                 if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    _, _, dtype = np.lib.format.read_array_header_1_0(fh)
                 else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-            except Exception as err:  # ValueError, tokenize/SyntaxError from a mangled header dict, ...
+                    _, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            except Exception as err:  # noqa: BLE001  ValueError, tokenize/SyntaxError from a mangled header dict, ...
                 raise InputError(path, f"not a readable .npy file ({_one_line(err)})") from None
             if dtype.hasobject:  # the payload is a pickle: EventGPT's dict
                 obj = _trusted_load(path) if trust_pickle else load_pickle(fh.read(), path)
             else:
                 try:
                     obj = np.load(path, allow_pickle=False)
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001  any corrupt payload is this file's problem
                     raise InputError(path, f"not a readable .npy file ({_one_line(err)})") from None
 
     if isinstance(obj, dict):
@@ -319,7 +319,7 @@ def _trusted_load(path: Path) -> Any:
     """Plain ``np.load(allow_pickle=True)``: runs whatever the pickle says. The caller opted in."""
     try:
         obj = np.load(path, allow_pickle=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  whatever the trusted pickle raises
         raise InputError(path, f"not a readable pickled .npy file ({_one_line(err)})") from None
     if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
         obj = obj.item()
@@ -376,7 +376,7 @@ def _load_h5(path: Path, t0_us: int | None, t1_us: int | None) -> tuple[dict[str
             n = int(lengths["t"][0])
             for k, d in ds.items():
                 _check_h5_stored(path, f"events/{k}", d)
-            ms_ds = f["ms_to_idx"] if "ms_to_idx" in f else None
+            ms_ds = f.get("ms_to_idx")
             if ms_ds is not None and (not isinstance(ms_ds, h5py.Dataset) or len(ms_ds.shape) != 1):
                 raise InputError(path, f"ms_to_idx must be a 1-D dataset, got {ms_ds!r}")
             meta: dict[str, Any] = {}

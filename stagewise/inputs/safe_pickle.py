@@ -128,7 +128,7 @@ class SafeUnpickler(pickle._Unpickler):
             f"(a pickle can run code when loaded; only NumPy arrays and plain containers are allowed); {TRUST_HINT}",
         )
 
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D401  (pickle API)
+    def persistent_load(self, pid: Any) -> Any:
         """Refuse persistent ids (a pickle of plain data has none)."""
         raise InputError(self._path, f"is a pickle with persistent ids, which stagewise does not load by default; {TRUST_HINT}")
 
@@ -156,7 +156,7 @@ def load_pickle(data: bytes, path: str | Path | None) -> Any:
         raise
     except RecursionError:
         raise InputError(path, "not a readable pickle (nested too deeply)") from None
-    except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
+    except Exception as err:  # noqa: BLE001  any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
         text = " ".join(str(err).split())[:200]
         raise InputError(path, f"not a readable pickle ({type(err).__name__}: {text})") from None
     if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:

@@ -125,7 +125,7 @@ def discover_event_samples(
         raise InputError(path, "no such file or folder")
 
     out = EventSamples(samples=[], n_files=len(files))
-    common = dict(query=query, sensor_size=sensor_size, trust_pickle=trust_pickle)
+    common: dict[str, Any] = {"query": query, "sensor_size": sensor_size, "trust_pickle": trust_pickle}
     for f in files:
         sid = ids[f]
         if f.suffix.lower() not in EVENT_SUFFIXES:
