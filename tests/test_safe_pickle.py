@@ -215,6 +215,7 @@ def test_cli_refuses_the_payload_under_every_command(tmp_path, capsys):
         ["make-dataset", "--events", str(evil), "--out", str(tmp_path / "ds"), "--no-video"],
         ["convert", str(evil), "--out", str(tmp_path / "conv")],
         ["run", "--events", str(evil), "--out", str(tmp_path / "run"), "--output-len", "fixed:2", "--no-ceilings", "--warmup", "0"],
+        ["verify", "--events", str(evil), "--max-new-tokens", "2"],
     ]
     for argv in argvs:
         main(argv)
