@@ -1,4 +1,4 @@
-"""The ``stagewise`` command: run, verify, render, report, compare, make-dataset.
+"""The ``stagewise`` command: run, verify, render, report, compare, make-dataset, convert.
 
 Bad input ends with one line ``stagewise: error: <file>: <problem>``, never a traceback; every
 argument, input, tokenizer and the output folder are checked before any model is built.
@@ -40,7 +40,19 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--limit", type=int, default=None, help="use only the first N samples")
 
 
-def _samples(args: argparse.Namespace, family: str) -> list[Any]:
+def _add_event_file_args(g: Any) -> None:
+    g.add_argument("--sensor-size", default=None, help="WxH (width x height, the camera convention), e.g. 640x480: the sensor size for event files that store none (Prophesee EVT/DAT often); events are checked against it")
+    g.add_argument("--trust-pickle", action="store_true", help="load pickled .npy files with plain numpy (runs any code the pickle names); default: NumPy arrays and plain containers only")
+
+
+def _sensor_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """``--sensor-size WxH`` as ``(height, width)``, or ``None``."""
+    from stagewise.inputs.events import parse_sensor_size
+
+    return parse_sensor_size(args.sensor_size) if getattr(args, "sensor_size", None) else None
+
+
+def _samples(args: argparse.Namespace, family: str, cfg: Any) -> list[Any]:
     from stagewise.inputs import samples as data
     from stagewise.models.base import Sample
     from stagewise.preprocess.prompt import DEFAULT_QUERY
@@ -49,10 +61,16 @@ def _samples(args: argparse.Namespace, family: str) -> list[Any]:
     fmt = args.input_format or data.DEFAULT_FORMAT[family]
     if args.num_samples < 1:
         raise ValueError(f"num-samples: must be >= 1, got {args.num_samples}")
+    if cfg.window_us is not None and args.events is None:
+        raise ValueError("window-ms: applies to --events FILE_OR_FOLDER")
     if args.dataset is not None:
-        samples = data.dataset_samples(args.dataset, fmt, args.dataset_root, args.query)
+        samples = data.dataset_samples(args.dataset, fmt, args.dataset_root, args.query, sensor_size=cfg.sensor_size,
+                                       trust_pickle=cfg.trust_pickle)
     elif args.events is not None:
-        samples = data.event_file_samples(args.events, q)
+        found = data.discover_event_samples(args.events, q, window_us=cfg.window_us, max_windows=cfg.max_windows,
+                                            sensor_size=cfg.sensor_size, trust_pickle=cfg.trust_pickle)
+        print(f"stagewise: {found.summary()}", file=sys.stderr)
+        samples = found.samples
     elif args.event_images:
         samples = [Sample("event_images", q, event_image_paths=list(args.event_images))]
     elif args.video is not None:
@@ -88,7 +106,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, list[Any]]:
         raise InputError(cfg.tokenizer, "tokenizer not found (pass a LLaMA tokenizer.model or a folder holding one)")
     if cfg.vision_tower is not None and not Path(cfg.vision_tower).is_dir():
         raise InputError(cfg.vision_tower, "vision tower folder not found")
-    return cfg, _samples(args, family)
+    return cfg, _samples(args, family, cfg)
 
 
 def _check_out(out: Path) -> None:
@@ -207,12 +225,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """``stagewise render``: write the event images of ``--events`` as PNGs; prints their paths."""
-    from stagewise.config import _parse_size
     from stagewise.inputs import events as ev
     from stagewise.preprocess.render import save_event_pngs
 
-    size = _parse_size(args.sensor_size) if args.sensor_size else None
-    stream = ev.read_events(args.events, sensor_size=size)
+    size = _sensor_size(args)
+    stream = ev.read_events(args.events, sensor_size=size, trust_pickle=args.trust_pickle)
     stream = ev.check_duration(stream, window=args.window)
     paths = save_event_pngs(stream, args.out, n_frames=args.frames, sensor_size=size or stream.sensor_size, stem=args.events.stem)
     for p in paths:
@@ -245,14 +262,49 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     from stagewise.inputs.simulate import moving_edge_events
 
     streams = {}
+    size = _sensor_size(args)
     for f in args.events or []:
-        streams[f.stem] = ev.check_duration(ev.read_events(f), window=args.window)
+        streams[f.stem] = ev.check_duration(ev.read_events(f, sensor_size=size, trust_pickle=args.trust_pickle), window=args.window)
     for i in range(args.simulated):
         streams[f"sim{i:03d}"] = moving_edge_events(seed=i)
     if not streams:
         raise ValueError("make-dataset: give --events FILE... and/or --simulated N")
     print(build_dataset(streams, args.out, write_video=not args.no_video))
     return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``stagewise convert IN... --out DIR``: event files -> the pickle-free formats.
+
+    Each input is read as stage 1 reads it (safe unpickling unless ``--trust-pickle``, camera
+    formats through faery, validated, sorted by time) and written with
+    :func:`stagewise.inputs.events.write_events` as ``DIR/<stem>.h5`` (DSEC layout with
+    ``ms_to_idx``, so later windowed reads touch only their window; the default) or
+    ``DIR/<stem>.npz``. Prints one output path per input, then any reader notes.
+
+    Returns 0 when every input was converted, else 2 (the failures are printed, one line each).
+    """
+    from stagewise.inputs import events as ev
+
+    size = _sensor_size(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stems = [f.stem for f in args.inputs]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ValueError(f"convert: inputs share the output name(s) {', '.join(dup)}; convert them into different --out folders")
+    failed = 0
+    for f in args.inputs:
+        try:
+            stream = ev.read_events(f, sensor_size=size, trust_pickle=args.trust_pickle)
+            out = ev.write_events(args.out / f"{f.stem}.{args.format}", stream)
+        except InputError as e:
+            print(f"stagewise: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(out)
+        for note in stream.notes:
+            print(f"  note: {note}")
+    return EXIT_OK if failed == 0 else EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--events", type=Path, required=True)
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--frames", type=int, default=5)
-    d.add_argument("--sensor-size", default=None, help="WxH, e.g. 640x480 (default: the file's, else each part's extent)")
     d.add_argument("--window", action="store_true", help="window streams of >= 100 ms to the first 100 ms")
+    _add_event_file_args(d)
     d.set_defaults(func=cmd_render)
     md = sub.add_parser("make-dataset", help="write a seeds-style dataset (events, event PNGs, MP4, frame folders) from event files / the built-in scene")
     md.add_argument("--out", type=Path, required=True)
@@ -286,7 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--simulated", type=int, default=0, help="add N samples of the built-in scene")
     md.add_argument("--window", action="store_true")
     md.add_argument("--no-video", action="store_true", help="skip mp4/ and video/ (no PyAV needed)")
+    _add_event_file_args(md)
     md.set_defaults(func=cmd_make_dataset)
+    cv = sub.add_parser("convert", help="event files (pickled .npy, camera formats, ...) -> pickle-free .h5 (DSEC layout) or .npz")
+    cv.add_argument("inputs", type=Path, nargs="+", metavar="IN")
+    cv.add_argument("--out", type=Path, required=True, help="output folder (DIR/<stem>.<format>)")
+    cv.add_argument("--format", choices=["h5", "npz"], default="h5", help="h5 (default: DSEC layout, windowed reads touch only their window) or npz")
+    _add_event_file_args(cv)
+    cv.set_defaults(func=cmd_convert)
     rp = sub.add_parser("report", help="re-render a run directory's report.md and plot")
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=cmd_report)

@@ -78,17 +78,6 @@ def parse_output_len(spec: str) -> OutputLenPolicy:
 # The run's configuration
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    """``"WxH"`` (camera convention, e.g. ``640x480``) -> ``(height, width)``."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"sensor-size: expected WxH such as 640x480, got {text!r}") from None
-    if w < 1 or h < 1:
-        raise ValueError(f"sensor-size: width and height must be >= 1, got {text!r}")
-    return (h, w)
-
-
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
 """Accepted ``--dtype`` names -> torch dtype names."""
@@ -115,6 +104,8 @@ class RunConfig:
         gpu_preprocess / fuse_vision / vision_graph / vision_compile / fast_stages: stage 2/3 speed
             paths (``fast_stages``: every one the family and device can serve).
         window / sensor_size: EventGPT input rules (``sensor_size`` as ``(height, width)``).
+        trust_pickle / window_ms / max_windows: event files: plain unpickling (opt-in), long
+            recordings cut into windows of ``window_ms`` (at most ``max_windows`` per file).
         warmup / repeats / measure_ceilings: the measurement.
         input_format / inputs: which source each family reads, and the inputs given (recorded).
     """
@@ -144,6 +135,9 @@ class RunConfig:
     fast_stages: bool = False
     window: bool = False
     sensor_size: tuple[int, int] | None = None
+    trust_pickle: bool = False
+    window_ms: float | None = None
+    max_windows: int | None = None
     warmup: int = 1
     repeats: int = 1
     measure_ceilings: bool = True
@@ -171,6 +165,10 @@ class RunConfig:
             raise ValueError(f"input_format: expected events, png or mp4, got {self.input_format!r}")
         if self.sensor_size is not None:
             self.sensor_size = (int(self.sensor_size[0]), int(self.sensor_size[1]))
+        if self.window_ms is not None and not self.window_ms * 1000 >= 1:
+            raise ValueError(f"window_ms: must be >= 0.001 (1 us), got {self.window_ms}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"max_windows: must be >= 1, got {self.max_windows}")
         self.sampling  # validates temperature / top_p / top_k
         if self.weights == "random":
             if self.preset is None:
@@ -188,6 +186,11 @@ class RunConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def window_us(self) -> int | None:
+        """``window_ms`` in whole microseconds, or ``None``."""
+        return None if self.window_ms is None else round(self.window_ms * 1000)
 
     @property
     def sampling(self):
@@ -257,7 +260,10 @@ class RunConfig:
         s.add_argument("--vision-graph", action="store_true", help="stage 3 replayed from a CUDA graph (CUDA only)")
         s.add_argument("--fuse-vision", action="store_true", help="EventGPT: pool before the projector's second linear (same function, fewer FLOPs)")
         s.add_argument("--window", action="store_true", help="EventGPT: keep the first 100 ms of longer streams instead of refusing them")
-        s.add_argument("--sensor-size", default=None, help="event sensor size WxH, e.g. 640x480 (default: the file's, else each part's extent)")
+        s.add_argument("--sensor-size", default=None, help="WxH (width x height, the camera convention), e.g. 640x480: the sensor size for event files that store none (Prophesee EVT/DAT often); events are checked against it and event images take it")
+        s.add_argument("--trust-pickle", action="store_true", help="load pickled .npy files with plain numpy (runs any code the pickle names); default: NumPy arrays and plain containers only")
+        s.add_argument("--window-ms", type=float, default=None, help="cut each --events recording into consecutive windows [t0, t0 + MS) ms, one sample each (id <file>@<t0_us>); empty windows are skipped and counted")
+        s.add_argument("--max-windows", type=int, default=None, help="with --window-ms: at most the first N non-empty windows per recording")
         r = parser.add_argument_group("measurement")
         r.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches, run and not recorded (default 1)")
         r.add_argument("--repeats", type=int, default=d.repeats, help="measure each sample this many times")
@@ -271,6 +277,8 @@ class RunConfig:
             ValueError: a bad value (named); CUDA asked for where there is none.
         """
         import torch
+
+        from stagewise.inputs.events import parse_sensor_size
 
         device = args.device
         if device == "auto":
@@ -291,7 +299,8 @@ class RunConfig:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             gpu_preprocess=args.gpu_preprocess, fuse_vision=args.fuse_vision, vision_graph=args.vision_graph,
             vision_compile=args.vision_compile, fast_stages=args.fast_stages,
-            window=args.window, sensor_size=_parse_size(args.sensor_size) if args.sensor_size else None,
+            window=args.window, sensor_size=parse_sensor_size(args.sensor_size) if args.sensor_size else None,
+            trust_pickle=args.trust_pickle, window_ms=args.window_ms, max_windows=args.max_windows,
             warmup=args.warmup, repeats=args.repeats, measure_ceilings=not args.no_ceilings,
             input_format=args.input_format, inputs=inputs,
         )

@@ -16,6 +16,7 @@ family, so one decode engine serves all of them.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,20 @@ class Sample:
         event_image_paths: pre-rendered event frames (PNG), in temporal order.
         video_path: an MP4 file, or a folder of frame images.
         image_path: a single image (LLaVA-1.5).
-        events: an in-memory event stream (``stagewise.inputs.events.EventStream``), used by the
-            built-in simulated scene; no file is read then.
-        sensor_size: ``(height, width)`` of the event sensor when known.
+        events: an in-memory event stream (``stagewise.inputs.events.EventStream``),
+            used by the built-in simulated scene; no file is read then.
+        sensor_size: ``(height, width)`` of the event sensor when known (for camera files
+            without one in their header; coordinates are checked against it).
+        window_us: ``(t0_us, t1_us)``: stage 1 reads only the events with
+            ``t0_us <= t < t1_us`` of ``events_path`` (one window of a long recording,
+            ``--window-ms``); ``None`` reads the whole file.
+        trust_pickle: unpickle ``events_path`` with plain ``np.load(allow_pickle=True)``
+            (``--trust-pickle``) instead of stagewise's allow-list.
+        input_error: a one-line problem found while discovering the sample (e.g. a file
+            whose windows could not be scanned); stage 1 raises it as ``InputError``.
+
+    Raises:
+        ValueError: ``window_us`` is not two integers with ``t0_us < t1_us``.
     """
 
     sample_id: str
@@ -51,6 +63,15 @@ class Sample:
     image_path: Path | None = None
     events: Any = None
     sensor_size: tuple[int, int] | None = None
+    window_us: tuple[int, int] | None = None
+    trust_pickle: bool = False
+    input_error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_us is not None:
+            t0, t1 = self.window_us
+            if not (isinstance(t0, numbers.Integral) and isinstance(t1, numbers.Integral) and t0 < t1):
+                raise ValueError(f"window_us: expected (t0_us, t1_us) integers with t0_us < t1_us, got {self.window_us!r}")
 
 
 @dataclass

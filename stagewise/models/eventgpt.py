@@ -100,17 +100,23 @@ class EventGPT(VisionLanguageModel):
     def load(self, sample: Sample) -> Loaded:
         """Stage 1: the event stream (file or in-memory) or the pre-rendered PNG frames.
 
+        A sample with ``window_us`` (``--window-ms``) reads only that window of its file
+        (:func:`stagewise.inputs.samples.read_sample_events`); its ``trust_pickle`` and
+        ``input_error`` are honoured there.
+
         Raises:
-            InputError: no input, an unreadable file, a bad stream, a stream of 100 ms or more
-                without ``window``.
+            InputError: no input, an unreadable file (any reader failure, one line), a bad stream,
+                a stream of 100 ms or more without ``window``.
         """
         from stagewise.inputs import events as ev
+        from stagewise.inputs.samples import read_sample_events
 
-        sensor = self.options.sensor_size or sample.sensor_size
+        if sample.input_error:
+            raise InputError(None, sample.input_error)
         if sample.events is not None:
             stream = sample.events
         elif sample.events_path is not None:
-            stream = ev.read_events(sample.events_path, sensor_size=sensor)
+            stream = read_sample_events(sample, self.options.sensor_size)
         elif sample.event_image_paths:
             frames = ev.read_event_frames(sample.event_image_paths)
             return Loaded(frames=frames, source=str(sample.event_image_paths[0]),
@@ -118,7 +124,8 @@ class EventGPT(VisionLanguageModel):
         else:
             raise InputError(None, f"sample {sample.sample_id}: EventGPT needs events, an event file or event images")
         stream = ev.check_duration(stream, max_duration_us=MAX_DURATION_US, window=self.options.window)
-        return Loaded(stream=stream, source=stream.source, shapes={"load.events": [len(stream.events)]})
+        return Loaded(stream=stream, source=stream.source, shapes={"load.events": [len(stream.events)]},
+                      notes=list(stream.notes))
 
     def frames(self, loaded: Loaded) -> list[np.ndarray] | list[torch.Tensor]:
         """The 5 event images: each part's extent or the sensor size (one rule for both paths)."""
