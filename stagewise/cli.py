@@ -18,9 +18,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagewise.errors import InputError
+
+if TYPE_CHECKING:
+    from stagewise.config import RunConfig
+    from stagewise.models.base import Sample
 
 DEFAULT_SIM_SAMPLES = 4
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -40,7 +44,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--limit", type=int, default=None, help="use only the first N samples")
 
 
-def _add_event_file_args(g: Any) -> None:
+def _add_event_file_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--sensor-size", default=None, help="WxH (width x height, the camera convention), e.g. 640x480: the sensor size for event files that store none (Prophesee EVT/DAT often); events are checked against it")
     g.add_argument("--trust-pickle", action="store_true", help="load pickled .npy files with plain numpy (runs any code the pickle names); default: NumPy arrays and plain containers only")
 
@@ -52,7 +56,7 @@ def _sensor_size(args: argparse.Namespace) -> tuple[int, int] | None:
     return parse_sensor_size(args.sensor_size) if getattr(args, "sensor_size", None) else None
 
 
-def _samples(args: argparse.Namespace, family: str, cfg: Any) -> list[Any]:
+def _samples(args: argparse.Namespace, family: str, cfg: RunConfig) -> list[Sample]:
     from stagewise.inputs import samples as data
     from stagewise.models.base import Sample
     from stagewise.preprocess.prompt import DEFAULT_QUERY
@@ -96,7 +100,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
     return {k: (str(v) if v is not None else None) for k, v in (("events", args.events), ("dataset", args.dataset), ("video", args.video), ("image", args.image))}
 
 
-def _config(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+def _config(args: argparse.Namespace) -> tuple[RunConfig, list[Sample]]:
     """The run's configuration and samples, everything checked before a model is built."""
     from stagewise.config import RunConfig
 

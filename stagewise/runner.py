@@ -145,8 +145,7 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
         n_out = min(lengths[i], out.tokens.shape[1]) if random_weights else out.n_tokens[b]
         ids = out.tokens[b, :n_out].tolist()
         rec = records[i]
-        for s in STAGES:
-            setattr(rec, f"{s}_ms", stage_ms[s])
+        rec.load_ms, rec.preprocess_ms, rec.vision_ms, rec.prefill_ms, rec.decode_ms = (stage_ms[s] for s in STAGES)
         rec.e2el_ms = e2e_ms
         rec.stage_gap = gap
         rec.ttft_ms = ttft_ms

@@ -14,12 +14,11 @@ bf16 ulps is a rounding tie, a large one is a bug.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from stagewise.engine.base import stack_left_padded
-from stagewise.models.base import Sample
+from stagewise.engine.base import Engine, stack_left_padded
+from stagewise.models.base import MultimodalModel, Sample
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 
 
 @torch.inference_mode()
-def _margin_at(model: Any, embeds: torch.Tensor, fused: list[int], pos: int) -> float:
+def _margin_at(model: MultimodalModel, embeds: torch.Tensor, fused: list[int], pos: int) -> float:
     """Top-1 minus top-2 logit at generated position ``pos``, teacher-forcing the fused ids."""
     emb = model.lm.get_input_embeddings()
     prefix = torch.tensor(fused[:pos], dtype=torch.long, device=embeds.device)
@@ -62,7 +61,7 @@ def _margin_at(model: Any, embeds: torch.Tensor, fused: list[int], pos: int) -> 
     return float(top[0] - top[1])
 
 
-def verify_sample(model: Any, engine: Any, sample: Sample, max_new_tokens: int, eos_token_id: int | None) -> VerifyResult:
+def verify_sample(model: MultimodalModel, engine: Engine, sample: Sample, max_new_tokens: int, eos_token_id: int | None) -> VerifyResult:
     """Run both paths on ``sample`` and compare their greedy ids."""
     prep = model.preprocess(model.load(sample), sample.query)
     fused = model.generate_fused(prep, max_new_tokens, eos_token_id)

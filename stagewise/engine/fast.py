@@ -55,9 +55,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from stagewise.engine.base import (
     DecodeOutput,
@@ -145,7 +147,7 @@ class FastOptions:
 class PrefillGraph(NamedTuple):
     """A captured prefill: copy the prompt into ``embeds`` / ``mask``, replay, read ``logits``."""
 
-    graph: Any  # torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph
     embeds: torch.Tensor  # [B, S, D]
     mask: torch.Tensor  # [B, S] bool
     logits: torch.Tensor  # [B, V] fp32
@@ -200,9 +202,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
     """One compiled function serves decode (per batch size), extend (per k) and prefill shapes:
     allow that many specializations (dynamo's default of 8 would silently fall back to eager)."""
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < n:
-            setattr(cfg, name, n)
+    cfg.recompile_limit = max(cfg.recompile_limit, n)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n)  # 256 by default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class FastEngine:
     name = "fast"
 
     @_plain_no_grad
-    def __init__(self, lm: Any, options: FastOptions = FastOptions()) -> None:
+    def __init__(self, lm: LlamaForCausalLM, options: FastOptions = FastOptions()) -> None:
         cfg = lm.config
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"fast engine: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
@@ -713,7 +714,7 @@ class FastEngine:
         return B, S
 
 
-def _layer_weights(layer: Any) -> LayerWeights:
+def _layer_weights(layer: LlamaDecoderLayer) -> LayerWeights:
     """One HF decoder layer's weights as :class:`LayerWeights` (q/k/v and gate/up fused in place)."""
     a, m = layer.self_attn, layer.mlp
     wqkv, bqkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
 from stagewise.engine.base import (
     DecodeOutput,
@@ -50,7 +49,7 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, lm: Any, options: HFOptions = HFOptions()) -> None:
+    def __init__(self, lm: LlamaForCausalLM, options: HFOptions = HFOptions()) -> None:
         self.lm = lm
         self.options = options
         self.sampling = options.sampling

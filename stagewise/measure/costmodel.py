@@ -16,16 +16,21 @@ Ceilings are measured on the device (:func:`measure_ceilings`), not taken from d
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    from stagewise.models.base import MultimodalModel
+
+
+def _get(cfg: LlamaConfig | dict, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
 
 
-def llama_layer_params(cfg: Any) -> int:
+def llama_layer_params(cfg: LlamaConfig | dict) -> int:
     """Weights of one decoder layer (attention + MLP + 2 RMSNorms), elements."""
     d = _get(cfg, "hidden_size")
     h = _get(cfg, "num_attention_heads")
@@ -35,7 +40,7 @@ def llama_layer_params(cfg: Any) -> int:
     return d * h * hd * 2 + d * kv * hd * 2 + 3 * d * inter + 2 * d
 
 
-def llama_decode_weight_bytes(cfg: Any, elem_bytes: int = 2) -> int:
+def llama_decode_weight_bytes(cfg: LlamaConfig | dict, elem_bytes: int = 2) -> int:
     """Bytes of weights streamed per decode step: all layers, final norm, LM head
     (the embedding lookup reads one row per token and is not counted)."""
     d, v = _get(cfg, "hidden_size"), _get(cfg, "vocab_size")
@@ -43,7 +48,7 @@ def llama_decode_weight_bytes(cfg: Any, elem_bytes: int = 2) -> int:
     return n * elem_bytes
 
 
-def kv_cache_bytes(cfg: Any, seq_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
+def kv_cache_bytes(cfg: LlamaConfig | dict, seq_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
     """KV-cache size: ``layers x 2 (K, V) x batch x kv_heads x seq_len x head_dim x elem`` bytes.
 
     EventGPT-7B, 641 tokens, bf16: 32 x 2 x 32 x 641 x 128 x 2 = 336,068,608 B = 320.5 MiB.
@@ -54,7 +59,7 @@ def kv_cache_bytes(cfg: Any, seq_len: int, batch: int = 1, elem_bytes: int = 2) 
     return _get(cfg, "num_hidden_layers") * 2 * batch * kv * seq_len * hd * elem_bytes
 
 
-def llama_prefill_flops(cfg: Any, seq_len: int, batch: int = 1) -> float:
+def llama_prefill_flops(cfg: LlamaConfig | dict, seq_len: int, batch: int = 1) -> float:
     """Prefill FLOPs: ``2 x tokens x layer weights`` + causal attention + LM head on the last token."""
     d, v, n_l = _get(cfg, "hidden_size"), _get(cfg, "vocab_size"), _get(cfg, "num_hidden_layers")
     h = _get(cfg, "num_attention_heads")
@@ -65,17 +70,17 @@ def llama_prefill_flops(cfg: Any, seq_len: int, batch: int = 1) -> float:
     return weights + attn + 2.0 * batch * d * v
 
 
-def llama_decode_step_bytes(cfg: Any, kv_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
+def llama_decode_step_bytes(cfg: LlamaConfig | dict, kv_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
     """Bytes one decode step must move: the weights once, plus the KV cache read for every row."""
     return llama_decode_weight_bytes(cfg, elem_bytes) + kv_cache_bytes(cfg, kv_len, batch, elem_bytes)
 
 
-def llama_decode_bytes(cfg: Any, prompt_len: int, n_out: int, batch: int = 1, elem_bytes: int = 2) -> int:
+def llama_decode_bytes(cfg: LlamaConfig | dict, prompt_len: int, n_out: int, batch: int = 1, elem_bytes: int = 2) -> int:
     """Bytes of all ``n_out - 1`` decode steps after the prefill (KV length grows by one each)."""
     return sum(llama_decode_step_bytes(cfg, prompt_len + i, batch, elem_bytes) for i in range(1, n_out))
 
 
-def clip_vision_flops(vcfg: Any, n_images: int, layers: int | None = None) -> float:
+def clip_vision_flops(vcfg: LlamaConfig | dict, n_images: int, layers: int | None = None) -> float:
     """CLIP ViT FLOPs for ``n_images``: patch embedding and ``layers`` encoder layers (default all;
     full attention over ``(S / p)^2 + 1`` tokens: ``2 n (4 d^2 + 2 d I) + 4 n^2 d`` per layer)."""
     d, inter, n_l = _get(vcfg, "hidden_size"), _get(vcfg, "intermediate_size"), _get(vcfg, "num_hidden_layers")
@@ -124,7 +129,7 @@ def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: 
     return {"copy_bw_bytes_s": 2.0 * copy_bytes / t_copy, "bf16_flops_s": 2.0 * matmul_n**3 / t_mm, "measured_at": time.time()}
 
 
-def stage_floors(model: Any, mean_record: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict[str, Any]]:
+def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per-stage floors for a run, from the mean token counts of its samples.
 
     Args:

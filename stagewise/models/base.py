@@ -20,10 +20,15 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from transformers import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from stagewise.inputs.events import EventStream
+    from stagewise.models.family import StageOptions
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Sample:
     event_image_paths: list[Path] | None = None
     video_path: Path | None = None
     image_path: Path | None = None
-    events: Any = None
+    events: EventStream | None = None
     sensor_size: tuple[int, int] | None = None
     window_us: tuple[int, int] | None = None
     trust_pickle: bool = False
@@ -86,7 +91,7 @@ class Loaded:
         notes: what stage 1 did that a reader of the record should know (e.g. events sorted).
     """
 
-    stream: Any = None
+    stream: EventStream | None = None
     frames: Sequence[np.ndarray] | None = None
     source: str = ""
     shapes: dict[str, list[int]] = field(default_factory=dict)
@@ -127,7 +132,7 @@ class MultimodalModel(Protocol):
     """
 
     name: str
-    lm: Any
+    lm: LlamaForCausalLM
     eos_token_id: int
     n_frames: int
 
@@ -151,11 +156,11 @@ class MultimodalModel(Protocol):
         """The longest prefill the LM accepts."""
         ...
 
-    def configure(self, options: Any) -> Any:
-        """Apply stage options (``stagewise.models.family.StageOptions``); returns what was applied."""
+    def configure(self, options: StageOptions) -> StageOptions:
+        """Apply stage options; returns what was applied (raises ``ValueError`` for what it cannot serve)."""
         ...
 
-    def applicable(self, options: Any) -> Any:
+    def applicable(self, options: StageOptions) -> StageOptions:
         """The subset of ``options`` this model and device can serve."""
         ...
 
@@ -187,6 +192,6 @@ class MultimodalModel(Protocol):
         """FLOPs of stage 3 for ``n_images`` images."""
         ...
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
         """Architecture and applied-option facts for ``config.json``."""
         ...

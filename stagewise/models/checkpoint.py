@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from stagewise.errors import InputError
 
@@ -95,7 +96,7 @@ def check_hf_folder(path: Path, model_type: str) -> dict[str, Any]:
     return cfg
 
 
-def load_hf(cls: Any, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+def load_hf(cls: type[PreTrainedModel], path: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """``cls.from_pretrained(path)`` in ``dtype`` on ``device`` (eval, no gradients).
 
     Loads straight onto the device when ``accelerate`` is installed (``device_map``); otherwise on
@@ -108,7 +109,8 @@ def load_hf(cls: Any, path: Path, device: torch.device, dtype: torch.dtype) -> A
     return hf.eval().requires_grad_(False)
 
 
-def build_random_hf(cls: Any, config: Any, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+def build_random_hf(cls: type[PreTrainedModel], config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
+                    seed: int) -> PreTrainedModel:
     """``cls(config)`` with random weights created directly on ``device`` in ``dtype``
     (``transformers``' own initialisation, seeded; eval mode, no gradients)."""
     torch.manual_seed(seed)
@@ -117,7 +119,7 @@ def build_random_hf(cls: Any, config: Any, device: torch.device, dtype: torch.dt
     return hf.eval().requires_grad_(False)
 
 
-def lm_view(hf: Any) -> Any:
+def lm_view(hf: PreTrainedModel) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` whose decoder and head ARE ``hf``'s (shared, not copied).
 
     The shell is built on the meta device (no memory), then its ``model`` and ``lm_head``

@@ -35,7 +35,9 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerBase,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from stagewise.errors import InputError
 from stagewise.models.base import Loaded, Prepared, Sample
@@ -88,7 +90,7 @@ class EventGPT(VisionLanguageModel):
     n_frames = N_FRAMES
     prompt = EVENTGPT_FORMAT
 
-    def __init__(self, weights: EventGPTWeights, tokenizer: Any, image_processor: Any, *, preset: str | None,
+    def __init__(self, weights: EventGPTWeights, tokenizer: PreTrainedTokenizerBase, image_processor: BaseImageProcessor, *, preset: str | None,
                  source: str, use_start_end: bool = False, use_patch_token: bool = True) -> None:
         vp = weights.visual_projector
         vision = VisionStage(weights.visual_tower, Projector(vp[0], vp[1], vp[2], weights.feature_adaptor, pool=True),

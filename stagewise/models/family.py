@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from stagewise.models.base import Loaded, Prepared, Sample
 from stagewise.models.vision import VisionOptions, VisionStage
@@ -78,7 +80,8 @@ class VisionLanguageModel:
     n_frames: int = 1
     prompt: PromptFormat
 
-    def __init__(self, *, lm: Any, vision: VisionStage, tokenizer: Any, image_processor: Any, weights: nn.Module,
+    def __init__(self, *, lm: LlamaForCausalLM, vision: VisionStage, tokenizer: PreTrainedTokenizerBase,
+                 image_processor: BaseImageProcessor, weights: nn.Module,
                  preset: str | None, source: str) -> None:
         self.lm, self.vision, self.tokenizer = lm, vision, tokenizer
         self.image_processor, self.weights = image_processor, weights
@@ -273,7 +276,7 @@ class VisionLanguageModel:
         }
 
 
-def _count(module: Any) -> int:
+def _count(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 

@@ -26,6 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import (
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_processing_utils import BaseImageProcessor
 
 from stagewise.errors import InputError
 from stagewise.models.base import Loaded, Prepared, Sample
@@ -67,7 +74,8 @@ class LlavaHFModel(VisionLanguageModel):
         InputError: the tokenizer's placeholder id differs from the config's.
     """
 
-    def __init__(self, hf: Any, tokenizer: Any, image_processor: Any, *, tower: Any, keep_cls: bool,
+    def __init__(self, hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor: BaseImageProcessor, *,
+                 tower: CLIPVisionModel, keep_cls: bool,
                  preset: str | None, source: str) -> None:
         mmp = hf.model.multi_modal_projector
         vision = VisionStage(tower, Projector(mmp.linear_1, mmp.act, mmp.linear_2),
@@ -202,7 +210,7 @@ def llava_image_processor(image_size: int) -> Any:
     return CLIPImageProcessorPil(**clip_processor_kwargs(image_size))
 
 
-def _llava_config(preset: Preset, tok: Any) -> Any:
+def _llava_config(preset: Preset, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
     from transformers import LlavaConfig
 
     image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from stagewise.errors import InputError
 from stagewise.inputs.video import DEFAULT_N_FRAMES
@@ -86,7 +87,7 @@ class VideoLlavaModel(LlavaHFModel):
                       shapes={"load.frames": list(np.asarray(frames).shape)})
 
 
-def _video_llava_config(preset: Preset, tok: Any) -> Any:
+def _video_llava_config(preset: Preset, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
     from transformers import VideoLlavaConfig
 
     v = preset.vision

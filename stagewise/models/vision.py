@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from stagewise.models.weights import fuse_linears
 
@@ -153,7 +155,7 @@ class FastClipTower:
         ValueError: the tower's activation is not quick-GELU, or ``n_layers`` out of range.
     """
 
-    def __init__(self, tower: Any, n_layers: int | None = None, compile: bool | None = None,
+    def __init__(self, tower: CLIPVisionModel, n_layers: int | None = None, compile: bool | None = None,
                  compile_mode: str | None = None, sdpa_backend: str | None = None) -> None:
         vm = getattr(tower, "vision_model", tower)  # transformers 4.x nests, 5.x does not
         cfg = tower.config
@@ -193,7 +195,7 @@ class FastClipTower:
         return sdpa_kernel([names[self.sdpa_backend]])
 
 
-def _clip_layer_weights(layer: Any) -> ClipLayerWeights:
+def _clip_layer_weights(layer: CLIPEncoderLayer) -> ClipLayerWeights:
     a, m = layer.self_attn, layer.mlp
     wqkv, bqkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
     return ClipLayerWeights(
@@ -218,7 +220,7 @@ class VisionStage:
         options: :class:`VisionOptions` in use (set with :meth:`configure`).
     """
 
-    def __init__(self, tower: Any, projector: Projector, *, feature_layer: int, keep_cls: bool) -> None:
+    def __init__(self, tower: CLIPVisionModel, projector: Projector, *, feature_layer: int, keep_cls: bool) -> None:
         n = tower.config.num_hidden_layers
         if not -n - 1 <= feature_layer <= -1:
             raise ValueError(f"feature_layer: must be in [-{n + 1}, -1], got {feature_layer}")

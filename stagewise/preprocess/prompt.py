@@ -33,9 +33,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from stagewise.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EVENTGPT_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -102,7 +105,7 @@ class PromptFormat:
 EVENTGPT_FORMAT = PromptFormat(eventgpt_prompt("{query}"), EVENT_TOKEN, split=True, max_embeds=EVENTGPT_MAX_EMBEDS)
 
 
-def load_tokenizer(source: str | Path | None, added: Sequence[str] = (), *, fallback: Path | None = None) -> Any:
+def load_tokenizer(source: str | Path | None, added: Sequence[str] = (), *, fallback: Path | None = None) -> PreTrainedTokenizerBase:
     """A ``transformers`` ``LlamaTokenizer`` with ``added`` special tokens.
 
     Args:
@@ -144,7 +147,7 @@ def load_tokenizer(source: str | Path | None, added: Sequence[str] = (), *, fall
     return tok
 
 
-def _load(cls: Any, folder: Path, kwargs: dict[str, Any]) -> Any:
+def _load(cls: type[PreTrainedTokenizerBase], folder: Path, kwargs: dict[str, object]) -> PreTrainedTokenizerBase:
     try:
         return cls.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as e:
@@ -160,7 +163,7 @@ def _check_sentencepiece(model_file: Path) -> None:
         raise InputError(model_file, f"not a SentencePiece model ({' '.join(str(e).split())[:200]})") from None
 
 
-def tokenize_prompt(fmt: PromptFormat, tokenizer: Any, query: str) -> tuple[list[int], int]:
+def tokenize_prompt(fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, query: str) -> tuple[list[int], int]:
     """Prompt ids for ``query`` and the placeholder's position, as the family's authors build them.
 
     Returns:
@@ -185,7 +188,7 @@ def tokenize_prompt(fmt: PromptFormat, tokenizer: Any, query: str) -> tuple[list
     return ids, where[0]
 
 
-def tokenize_with_placeholder(text: str, tokenizer: Any, marker: str = EVENT_TOKEN, index: int = EVENT_TOKEN_INDEX) -> list[int]:
+def tokenize_with_placeholder(text: str, tokenizer: PreTrainedTokenizerBase, marker: str = EVENT_TOKEN, index: int = EVENT_TOKEN_INDEX) -> list[int]:
     """EventGPT's ``tokenizer_event_token``: every piece between markers tokenized with its BOS; the
     first piece keeps it, the others drop it; the pieces joined with ``index``."""
     chunks = [tokenizer(c).input_ids for c in text.split(marker)]
@@ -198,7 +201,7 @@ def tokenize_with_placeholder(text: str, tokenizer: Any, marker: str = EVENT_TOK
     return ids
 
 
-def decode_ids(tokenizer: Any, ids: Sequence[int]) -> str:
+def decode_ids(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     """Generated ids -> text with ``transformers``' decoding (special tokens skipped; negative
     placeholders and ids past the tokenizer's table dropped)."""
     n = len(tokenizer)
