@@ -287,6 +287,13 @@ def test_compiled_formulation_traces_fullgraph_once_for_all_weights():
             assert torch.equal(y, layer(x, q, b)), kind
             assert_matches_reference(y / 2, torch.nn.functional.silu(x), q, b, f"compiled {kind}")
         assert counter.frame_count == 1, f"{kind}: {counter.frame_count} compiles for two weights"
+    # the default dispatch (effective_impl: "dequant" on CPU) traces too
+    torch._dynamo.reset()
+    q = quantize_weight(random_weight(seed=3), "int4", group_size=64)
+    for decode in (True, False):
+        f = torch.compile(lambda x, w: w.linear(x, decode=decode), fullgraph=True, backend="aot_eager")
+        x = torch.randn(3, 256)
+        assert torch.equal(f(x, q), torch.nn.functional.linear(x, q.dequantize()))
     torch._dynamo.reset()
 
 
@@ -616,3 +623,34 @@ def test_gpu_fp8_scaled_mm_prefill():
     tol = 2.0**-4 * scale + 2.0**-8 * ref.abs() + 1e-3 * scale
     diff = (y.double() - ref).abs()
     assert (diff <= tol).all(), f"max |diff| {diff.max():.3g}, worst diff/tol {(diff / tol).max():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_triton_prefill_with_dynamic_rows(kind):
+    """The engine compiles prefill with the row count dynamic: one compiled artifact must serve
+    several prompt lengths through the Triton GEMM."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if kind == "fp8" and not Q.fp8_supported("cuda"):
+        pytest.skip("GPU without fp8")
+    if not Q.triton_available():
+        pytest.skip("triton not installed")
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(19)
+    w = torch.randn(768, 1024, device=dev, generator=g, dtype=torch.bfloat16) * 0.02
+    q = quantize_weight(w, kind, decode_impl="triton", prefill_impl="triton")
+    counter = CompileCounterWithBackend("inductor")
+    fn = torch.compile(lambda x, w: w.linear(x, decode=False), fullgraph=True, backend=counter)
+    for rows in (257, 300, 641):
+        x = torch.randn(rows, 1024, device=dev, generator=g, dtype=torch.bfloat16)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        y = fn(x, q)
+        ref = x.double() @ q.dequantize(torch.float64).T
+        diff = (y.double() - ref).abs()
+        tol = _gpu_tol(x, q, ref)
+        assert (diff <= tol).all(), f"{kind} rows={rows}: max |diff| {diff.max():.3g}"
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for three prompt lengths"
+    torch._dynamo.reset()
