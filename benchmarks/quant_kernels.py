@@ -20,10 +20,11 @@ enough copies of its weights (>= 4x the 50 MB L2 in total) that no call finds it
 median of 10 graph replays (CUDA events) / calls per replay. ``GB/s`` counts the bytes the
 variant must move: its weights in its own format + x + y. ``%bw`` divides by the device-to-device
 copy bandwidth measured first (bytes read + written, as ``costmodel.measure_ceilings``).
-``kern_err`` = max |y - x @ W_q^T| with ``W_q`` the fp32 dequantized weight of the SAME codes
-(kernel error only; tinygemm's includes its bf16 scales); ``quant_err`` = max |y - x @ W^T| with
-the original bf16 weight (kernel + quantization error), ``ref_rms`` the RMS of that product
-for scale. ``det``: two calls give bit-identical outputs.
+``kern_err`` (JSON ``max_abs_diff_kernel``) = max |y - x @ W_q^T| with ``W_q`` the fp32
+dequantized weight of the SAME codes (kernel error only; tinygemm's includes its bf16 scales);
+``quant_err`` (``max_abs_diff_vs_bf16``) = max |y - x @ W^T| with the original bf16 weight
+(kernel + quantization error); ``ref_rms`` the RMS of that product for scale. ``det``: two calls
+give bit-identical outputs. Triton rows record the tile config they ran (``triton_config``).
 
 The last table ``projected`` sums, per kind, the fastest variant of each projection at M = 1
 over one decode step of LLaMA-7B (32 x (qkv + o + gate_up + down) + lm_head): the weight-streaming
@@ -176,14 +177,9 @@ def triton_fn(path: str) -> Callable:
 
     def fn(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         N, K = w.shape
-        c = Q.triton_config(w.kind, path, N, K, x.shape[0], x.dtype)
-        G = w.group_size or 0
-        if path == "gemv":
-            return torch.ops.stagewise.wq_gemv(x, w.data, w.scale, w.zero, w.kind, G, c.block_n, c.block_k,
-                                               c.num_warps, c.num_stages)
-        return torch.ops.stagewise.wq_gemm(x, w.data, w.scale, w.zero, w.kind, G, c.block_m, c.block_n,
-                                           c.block_k, c.group_m, c.num_warps, c.num_stages)
+        return Q.triton_call(x, w, path, Q.triton_config(w.kind, path, N, K, x.shape[0], x.dtype))
 
+    fn.triton_path = path  # recorded with the config it ran
     return fn
 
 
@@ -294,26 +290,30 @@ def measure(v: Variant, x: torch.Tensor, ref_w: torch.Tensor, args) -> dict:
     """Time, bandwidth and error of one variant at input ``x`` (``ref_w``: fp32 product with the
     unquantized weight)."""
     row = {"kind": v.kind, "variant": v.name, "M": x.shape[0], "weight_bytes": v.nbytes, "note": v.note}
+    path = getattr(v.fn, "triton_path", None)
+    if path is not None:
+        N, K = v.weight.shape
+        row["triton_config"] = dataclasses.asdict(Q.triton_config(v.kind, path, N, K, x.shape[0], x.dtype))
     try:
         y = v.fn(x, v.weight)
         y2 = v.fn(x, v.weight)
         sync(x.device)
         row["deterministic"] = bool(torch.equal(y, y2))
         yf = y.float()
-        row["kern_err"] = None if v.ref_q is None else float((yf - v.ref_q).abs().max())
-        row["quant_err"] = float((yf - ref_w).abs().max())
+        row["max_abs_diff_kernel"] = None if v.ref_q is None else float((yf - v.ref_q).abs().max())
+        row["max_abs_diff_vs_bf16"] = float((yf - ref_w).abs().max())
         row["ref_rms"] = float(ref_w.pow(2).mean().sqrt())
         us = time_us(v, x, args.repeats)
     except Exception as e:  # a peer op missing on this torch, an unsupported shape...: report, go on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         return row
     moved = v.nbytes + x.numel() * x.element_size() + y.numel() * y.element_size()
-    row.update({"us": us, "gb_s": moved / us * 1e-3, "bytes_moved": moved})
+    row.update({"median_us": us, "achieved_gb_s": moved / us * 1e-3, "bytes_moved": moved})
     if args.copy_bw:
-        row["bw_frac"] = moved / (us * 1e-6) / args.copy_bw
+        row["bw_fraction"] = moved / (us * 1e-6) / args.copy_bw
     if x.shape[0] > 16:
         N, K = ref_w.shape[1], x.shape[1]
-        row["tflop_s"] = 2.0 * x.shape[0] * N * K / (us * 1e-6) / 1e12
+        row["achieved_tflop_s"] = 2.0 * x.shape[0] * N * K / (us * 1e-6) / 1e12
     return row
 
 
@@ -358,8 +358,8 @@ def run_sweep(args, device: torch.device, shapes: dict) -> list[dict]:
                 limit = max(4 * float((triton_fn(path)(x, q).float() - ref).abs().max()),
                             1e-3 * float(ref.pow(2).mean().sqrt()))
                 for cfg in sweep_configs(kind, path, M, False):
-                    Q.TRITON_CONFIGS[(kind, path, N, K)] = cfg
-                    v = Variant(f"{path} {cfg}", kind, triton_fn(path), q, q.nbytes)
+                    fn = lambda x, w, path=path, cfg=cfg: Q.triton_call(x, w, path, cfg)  # noqa: E731
+                    v = Variant(f"{path} {cfg}", kind, fn, q, q.nbytes)
                     try:
                         err = float((v.fn(x, q).float() - ref).abs().max())
                         us = time_us(v, x, args.repeats)
@@ -369,14 +369,13 @@ def run_sweep(args, device: torch.device, shapes: dict) -> list[dict]:
                         continue
                     ok = err <= limit
                     rows.append({"shape": sname, "kind": kind, "path": path, "M": M, "config": dataclasses.asdict(cfg),
-                                 "us": us, "kern_err": err, "exact_enough": ok})
+                                 "median_us": us, "max_abs_diff_kernel": err, "exact_enough": ok})
                     if not ok:
                         print(f"  WRONG RESULT {sname} {kind} {path} M={M} {cfg}: max |diff| {err:.3g} > {limit:.3g}")
                         continue
                     key = (kind, path, N, K, M)
                     if key not in best or us < best[key][0]:
                         best[key] = (us, cfg)
-                Q.TRITON_CONFIGS.pop((kind, path, N, K), None)
                 print(f"  swept {sname} {kind} {path} M={M}: best {best.get((kind, path, N, K, M), (None,))[0]}", flush=True)
     print("\n# best Triton configs (paste into stagewise/engine/quant.py TRITON_CONFIGS; gemv keyed by the M swept first)")
     seen = set()
@@ -405,26 +404,27 @@ def print_table(rows: list[dict], title: str) -> None:
         if "error" in r:
             print(f"{r['shape']:>8} {r['M']:>4} {r['kind']:>5} {r['variant']:<12} unavailable: {r['error']}")
             continue
-        bw = fmt(None if r.get("bw_frac") is None else 100 * r["bw_frac"], ".0f")
-        print(f"{r['shape']:>8} {r['M']:>4} {r['kind']:>5} {r['variant']:<12} {r['us']:>8.2f} {r['gb_s']:>7.0f} {bw:>5} "
-              f"{fmt(r.get('tflop_s'), '.0f'):>8} {fmt(r['kern_err'], '.2e'):>9} {r['quant_err']:>9.2e} "
+        bw = fmt(None if r.get("bw_fraction") is None else 100 * r["bw_fraction"], ".0f")
+        print(f"{r['shape']:>8} {r['M']:>4} {r['kind']:>5} {r['variant']:<12} {r['median_us']:>8.2f} "
+              f"{r['achieved_gb_s']:>7.0f} {bw:>5} {fmt(r.get('achieved_tflop_s'), '.0f'):>8} "
+              f"{fmt(r['max_abs_diff_kernel'], '.2e'):>9} {r['max_abs_diff_vs_bf16']:>9.2e} "
               f"{r['ref_rms']:>8.2e} {'yes' if r['deterministic'] else 'NO':>4}  {r['note']}")
 
 
 def projected(rows: list[dict], shapes: dict) -> list[dict]:
     """Per kind: the fastest variant of each projection at M = 1, summed over a decode step."""
     out = []
-    kinds = sorted({r["kind"] for r in rows if r["M"] == 1 and "us" in r})
+    kinds = sorted({r["kind"] for r in rows if r["M"] == 1 and "median_us" in r})
     for kind in kinds:
         total, picks = 0.0, {}
         for s in shapes:
-            cands = [r for r in rows if r["kind"] == kind and r["M"] == 1 and r["shape"] == s and "us" in r
+            cands = [r for r in rows if r["kind"] == kind and r["M"] == 1 and r["shape"] == s and "median_us" in r
                      and r["variant"] not in ("torchao",)]
             if not cands:
                 break
-            best = min(cands, key=lambda r: r["us"])
+            best = min(cands, key=lambda r: r["median_us"])
             picks[s] = best["variant"]
-            total += PER_STEP[s] * best["us"]
+            total += PER_STEP[s] * best["median_us"]
         else:
             out.append({"kind": kind, "weight_stream_ms_per_step": total / 1e3, "variants": picks})
     return out

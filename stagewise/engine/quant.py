@@ -539,16 +539,31 @@ def triton_linear(x: torch.Tensor, w: QuantizedWeight, *, decode: bool) -> torch
     N, K = w.shape
     M = x.shape[0]
     G = w.group_size or 0
-    if decode and M <= GEMV_MAX_M:
-        c = triton_config(w.kind, "gemv", N, K, M, x.dtype)
-        return torch.ops.stagewise.wq_gemv(
-            x, w.data, w.scale, w.zero, w.kind, G, c.block_n, c.block_k, c.num_warps, c.num_stages
-        )
-    if w.kind == "int4" and G < 16:
+    path = triton_path(M, decode=decode)
+    if path != "gemv" and w.kind == "int4" and G < 16:
         raise ValueError(f"quant: the Triton GEMM needs int4 group_size >= 16, got {G}")
-    c = triton_config(w.kind, "gemm_decode" if decode else "gemm_prefill", N, K, M, x.dtype)
+    return triton_call(x, w, path, triton_config(w.kind, path, N, K, M, x.dtype))
+
+
+def triton_path(m: int, *, decode: bool) -> str:
+    """Which Triton kernel :func:`triton_linear` runs for ``m`` rows: ``"gemv"`` (decode,
+    ``m <= GEMV_MAX_M``), ``"gemm_decode"`` (other decode) or ``"gemm_prefill"``."""
+    if not decode:
+        return "gemm_prefill"
+    return "gemv" if m <= GEMV_MAX_M else "gemm_decode"
+
+
+def triton_call(x: torch.Tensor, w: QuantizedWeight, path: str, cfg: TritonConfig) -> torch.Tensor:
+    """Launch the Triton kernel of ``path`` with ``cfg`` (no dispatch). ``x [M, K]`` contiguous."""
+    G = w.group_size or 0
+    if path == "gemv":
+        return torch.ops.stagewise.wq_gemv(
+            x, w.data, w.scale, w.zero, kind=w.kind, group_size=G, block_n=cfg.block_n, block_k=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return torch.ops.stagewise.wq_gemm(
-        x, w.data, w.scale, w.zero, w.kind, G, c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages
+        x, w.data, w.scale, w.zero, kind=w.kind, group_size=G, block_m=cfg.block_m, block_n=cfg.block_n,
+        block_k=cfg.block_k, group_m=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -4,7 +4,7 @@ Imported lazily by :mod:`stagewise.engine.quant` (Triton is optional: CI has non
 module registers two operators that ``torch.compile(fullgraph=True)`` traces through and
 Inductor inlines into its own generated code, so they sit inside the engine's CUDA graphs:
 
-``torch.ops.stagewise.wq_gemv(x, data, scale, zero, kind, group_size, block_n, block_k,
+``torch.ops.stagewise.wq_gemv(x, data, scale, zero, *, kind, group_size, block_n, block_k,
 num_warps, num_stages) -> y``
     Decode with few rows (``M = 1..GEMV_MAX_M``): one program per ``block_n`` output channels
     streams those weight rows once, dequantizes in registers and reduces on the CUDA cores
@@ -13,7 +13,7 @@ num_warps, num_stages) -> y``
     4096-row weight already gives 512 programs (~4 per SM on an H100), and without split-K
     there is no cross-program reduction, so results are bit-for-bit deterministic.
 
-``torch.ops.stagewise.wq_gemm(x, data, scale, zero, kind, group_size, block_m, block_n,
+``torch.ops.stagewise.wq_gemm(x, data, scale, zero, *, kind, group_size, block_m, block_n,
 block_k, group_m, num_warps, num_stages) -> y``
     Everything else (decode at larger ``M``, speculative verify, prefill): a tiled tensor-core
     GEMM (``tl.dot``) that dequantizes each weight tile in registers before the dot (int4) or
@@ -187,11 +187,11 @@ def _check(x: torch.Tensor, data: torch.Tensor, kind: str) -> None:
 @triton_op(
     "stagewise::wq_gemv",
     mutates_args=(),
-    schema="(Tensor x, Tensor data, Tensor scale, Tensor? zero, str kind, int group_size, int block_n, "
+    schema="(Tensor x, Tensor data, Tensor scale, Tensor? zero, *, str kind, int group_size, int block_n, "
     "int block_k, int num_warps, int num_stages) -> Tensor",
 )
 def wq_gemv(
-    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: str,
+    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, kind: str,
     group_size: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
 ) -> torch.Tensor:
     """Few-row weight-streaming GEMV. ``x [M, K]`` (contiguous, M small) -> ``y [M, N]`` in x's dtype.
@@ -220,11 +220,11 @@ def wq_gemv(
 @triton_op(
     "stagewise::wq_gemm",
     mutates_args=(),
-    schema="(Tensor x, Tensor data, Tensor scale, Tensor? zero, str kind, int group_size, int block_m, "
+    schema="(Tensor x, Tensor data, Tensor scale, Tensor? zero, *, str kind, int group_size, int block_m, "
     "int block_n, int block_k, int group_m, int num_warps, int num_stages) -> Tensor",
 )
 def wq_gemm(
-    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: str,
+    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, kind: str,
     group_size: int, block_m: int, block_n: int, block_k: int, group_m: int, num_warps: int, num_stages: int,
 ) -> torch.Tensor:
     """Tensor-core GEMM with fused dequantization. ``x [M, K]`` contiguous -> ``y [M, N]`` in x's dtype.
