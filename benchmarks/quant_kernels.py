@@ -525,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
               "elapsed_s": time.perf_counter() - t_start}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nelapsed {result['elapsed_s']:.0f} s (compiles included)")
     print_table(decode_rows, f"decode (M = {args.ms}), median us per call, weights rotated beyond L2")
     print_table(prefill_rows, f"prefill (M = {args.prefill_m})")
     if proj:
@@ -532,7 +533,6 @@ def main(argv: list[str] | None = None) -> dict:
               "projection x uses per step; attention, norms, gaps not included)")
         for p in proj:
             print(f"  {p['kind']:>5}: {p['weight_stream_ms_per_step']:.3f} ms  {p['variants']}")
-    print(f"\nelapsed {result['elapsed_s']:.0f} s")
     return result
 
 

@@ -31,8 +31,9 @@ rows: a decode step's batch, or the k+1 rows of a speculative verify step); ``de
 prefill (M = hundreds). Candidates, chosen per weight by ``decode_impl`` / ``prefill_impl``:
 
 * ``"dequant"``: dequantize to the activation dtype, then ``F.linear`` (cuBLAS). The reference
-  and the CPU path. For prefill it writes and re-reads a bf16 copy of each weight (~2.5-3 B per
-  weight, ~5-7 ms per 7B prefill on an H100: over the 20 % budget, hence the Triton GEMM).
+  and the CPU path. For prefill it reads the codes and writes and re-reads a bf16 copy of each
+  weight: 2.5-3 B per weight, i.e. an estimated (not measured) 5.5-6.6 ms per 7B prefill at
+  3 TB/s against a budget of 2.8 ms (20 % of bf16's 13.9 ms) -- hence the Triton GEMM.
 * ``"torch"`` (decode): the engine's ``matvec`` formulation with the dequantization inside the
   multiply-and-sum; under ``torch.compile`` Inductor emits one reduction kernel that streams the
   packed codes once. Eagerly it would materialize ``[M, N, K]`` products, so outside
