@@ -594,8 +594,9 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """A fingerprint (hex sha256) of source weights, to tell a stale quantized cache.
 
     Covers, per tensor (sorted by name): name, dtype, shape, the exact int64 sum of its raw
-    element bits (computed on the tensor's device: one read, order independent, so CPU and GPU
-    agree), and the raw bytes of up to 4096 evenly spaced elements. A different checkpoint,
+    element bits (computed on the tensor's device: one read; integer, so order independent) and
+    the raw bytes of up to 4096 evenly spaced elements (integer index arithmetic), so the same
+    weights give the same fingerprint on CPU and GPU. A different checkpoint,
     seed, dtype or shape changes it; it is not a digest of every byte (an edit that keeps the
     bit sum and misses the sampled positions would pass).
     """
@@ -607,9 +608,9 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
         bits = flat.view(ints) if t.dtype != torch.bool else flat.to(torch.uint8)
         h.update(str(int(bits.sum(dtype=torch.int64))).encode())
-        n = flat.numel()
-        idx = torch.linspace(0, max(n - 1, 0), min(n, 4096), device=t.device).long()
-        h.update(bits[idx].cpu().numpy().tobytes())
+        n, m = flat.numel(), min(flat.numel(), 4096)
+        idx = torch.arange(m, dtype=torch.int64) * max(n - 1, 0) // max(m - 1, 1)  # exact: same on any device
+        h.update(bits[idx.to(t.device)].cpu().numpy().tobytes())
     return h.hexdigest()
 
 
