@@ -476,8 +476,9 @@ TRITON_CONFIGS: dict[tuple[str, str, int, int], TritonConfig] = {}
 def triton_config(kind: str, path: str, n: int, k: int, m: int, dtype: torch.dtype) -> TritonConfig:
     """Launch parameters for ``path`` (``"gemv"``, ``"gemm_decode"``, ``"gemm_prefill"``).
 
-    An entry of :data:`TRITON_CONFIGS` wins; otherwise defaults reasoned from the H100, not
-    measured: GEMV 8 rows x 512 bytes of codes per program per step (a 4096-row weight is then
+    Read when ``torch.compile`` traces the caller (change :data:`TRITON_CONFIGS` or
+    :data:`GEMV_MAX_M` before compiling). An entry of :data:`TRITON_CONFIGS` wins; otherwise
+    defaults reasoned from the H100, not measured: GEMV 8 rows x 512 bytes of codes per program per step (a 4096-row weight is then
     512 programs, ~4 per SM of 132); decode GEMM 16 x 32 tiles (at M <= 16 the MMA is idle
     anyway: the tile count is what matters); prefill GEMM 128 x 128 x 64 tiles, 8 warps.
     """
