@@ -160,3 +160,36 @@ def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings
         "prefill": {"floor_ms": 1e3 * max(p_flops / flops_s, p_bytes / bw), "kind": "MFU", "flops": p_flops, "bytes": p_bytes},
         "decode": {"floor_ms": 1e3 * d_bytes / bw, "kind": "MBU", "flops": None, "bytes": d_bytes},
     }
+
+
+def llama_quantized_weight_bytes(
+    cfg: Any, kind: str, group_size: int = 128, *, lm_head: bool = True, elem_bytes: int = 2
+) -> int:
+    """Bytes of weights streamed per decode step with the linear layers weight-only quantized.
+
+    Every decoder linear (q, k, v, o, gate, up, down) in ``kind``'s format (bytes per
+    ``[N, K]`` weight from :func:`stagewise.engine.quant.quantized_nbytes`: codes + scales
+    (+ zeros)); the LM head too when ``lm_head``, else in ``elem_bytes``; RMSNorm weights in
+    ``elem_bytes``; the embedding is not counted (one row per token). Fusing q/k/v or gate/up
+    does not change the count (per-channel scales are per row, int4 groups run along K).
+    ``kind="none"`` gives :func:`llama_decode_weight_bytes`.
+
+    LLaMA-7B (vocab 32000), int4 G=128, LM head included: 6.61e9 weights x (0.5 + 4/128) B
+    + norms = 3.51 GB (13.21 GB in bf16 by :func:`llama_decode_weight_bytes`).
+
+    Raises:
+        ValueError: unknown kind or a group size that does not divide the input features.
+    """
+    from stagewise.engine.quant import quantized_nbytes
+
+    if kind == "none":
+        return llama_decode_weight_bytes(cfg, elem_bytes)
+    d, v, n_l = _get(cfg, "hidden_size"), _get(cfg, "vocab_size"), _get(cfg, "num_hidden_layers")
+    h = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads") or h
+    hd = _get(cfg, "head_dim") or d // h
+    inter = _get(cfg, "intermediate_size")
+    shapes = [((h + 2 * kv) * hd, d), (d, h * hd), (2 * inter, d), (d, inter)]  # fused qkv, o, gate_up, down
+    layer = sum(quantized_nbytes(n, k, kind, group_size) for n, k in shapes) + 2 * d * elem_bytes
+    head = quantized_nbytes(v, d, kind, group_size) if lm_head else v * d * elem_bytes
+    return n_l * layer + d * elem_bytes + head
