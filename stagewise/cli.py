@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from stagewise.errors import InputError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from stagewise.config import RunConfig
-    from stagewise.models.base import Sample
+    from stagewise.models.base import MultimodalModel, Sample
 
 DEFAULT_SIM_SAMPLES = 4
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -207,6 +209,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     model.configure(resolve_stage_options(model, cfg))
     n = cfg.max_new_tokens
     max_seq = model.n_vision_tokens + PROMPT_TEXT_BUDGET + n + 64
+    if cfg.quantize != "none":
+        return _verify_quantized(cfg, model, samples, max_seq, console, args.out)
     engine = make_engine(cfg.engine, model.lm, cfg.engine_options(max_batch=1, max_seq=max_seq))
     eos = None if cfg.weights == "random" else model.eos_token_id
     table = Table(title=f"verify: fused generate() vs decoupled (vision once + {cfg.engine} engine), {cfg.preset or cfg.weights}, {cfg.device}/{cfg.dtype}")
@@ -225,6 +229,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         write_json(args.out, [r.__dict__ | {"ok": r.ok} for r in results])
     return EXIT_OK if n_ok == len(results) else EXIT_CRASH
+
+
+def _verify_quantized(cfg: RunConfig, model: MultimodalModel, samples: list[Sample], max_seq: int, console: Console,
+                      out_path: Path | None) -> int:
+    """``verify --quantize KIND``: the quantized fast engine against the model-dtype one, teacher-forced
+    (top-1 agreement, |logit diff|, KL per token); always 0 unless a run fails (it reports, not judges)."""
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from stagewise.engine import make_engine
+    from stagewise.verify import quant_agreement
+
+    q_opts = cfg.engine_options(max_batch=1, max_seq=max_seq)
+    ref = make_engine("fast", model.lm, replace(q_opts, quantize=None))
+    quant = make_engine("fast", model.lm, q_opts)
+    table = Table(title=f"verify --quantize {cfg.quantize}: teacher-forced agreement with the {cfg.dtype} engine, {cfg.preset or cfg.weights}")
+    for col in ("sample", "positions", "top-1 agreement", "max |logit diff|", "mean |logit diff|", "mean KL (nats)"):
+        table.add_column(col)
+    results = []
+    for s in samples:
+        r = quant_agreement(model, ref, quant, s, cfg.max_new_tokens)
+        a = r.agreement
+        results.append({"sample_id": r.sample_id, "ref_ids": r.ref_ids, **a})
+        table.add_row(r.sample_id, str(a["n_positions"]), f"{a['top1_agreement']:.3f}", f"{a['max_abs_logit_diff']:.4g}",
+                      f"{a['mean_abs_logit_diff']:.4g}", f"{a['mean_kl']:.4g}")
+    console.print(table)
+    if cfg.weights == "random":
+        console.print("[yellow]random weights: only this numerical agreement means anything, not the text.[/yellow]")
+    if out_path is not None:
+        from stagewise.results.records import write_json
+
+        write_json(out_path, {"quantization": quant.quant_info, "samples": results, "weight_bytes_per_step": {
+            "reference": ref.weight_bytes_per_step, "quantized": quant.weight_bytes_per_step}})
+    return EXIT_OK
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -99,6 +99,8 @@ class RunConfig:
         preset / weights / tokenizer / vision_tower: the model (``weights``: ``"random"`` or a folder).
         device / dtype / seed: where, in which precision; the base seed (sampling, random weights).
         engine / batch_size / kv_bucket / check_every / cuda_graphs / compile: the decode engine.
+        quantize / quant_group_size / quantized_cache / quant_decode_kernel / quant_prefill_kernel:
+            weight-only quantization of the decoder in the fast engine (``none`` by default).
         output_len / max_new_tokens: generated length (random weights: a policy; real: EOS or the cap).
         temperature / top_p / top_k: decoding (temperature 0 = greedy, the default).
         gpu_preprocess / fuse_vision / vision_graph / vision_compile / fast_stages: stage 2/3 speed
@@ -133,6 +135,11 @@ class RunConfig:
     vision_graph: bool = False
     vision_compile: bool = False
     fast_stages: bool = False
+    quantize: str = "none"
+    quant_group_size: int = 128
+    quantized_cache: str | None = None
+    quant_decode_kernel: str = "torch"
+    quant_prefill_kernel: str = "dequant"
     window: bool = False
     sensor_size: tuple[int, int] | None = None
     trust_pickle: bool = False
@@ -161,6 +168,10 @@ class RunConfig:
             raise ValueError(f"dtype: expected one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.quantize != "none":
+            if self.engine != "fast":
+                raise ValueError("quantize: needs --engine fast")
+            self.quant_options()  # validates kind, group size, kernels
         if self.input_format not in (None, "events", "png", "mp4"):
             raise ValueError(f"input_format: expected events, png or mp4, got {self.input_format!r}")
         if self.sensor_size is not None:
@@ -209,6 +220,15 @@ class RunConfig:
                             vision=VisionOptions(compile=self.vision_compile, graph=self.vision_graph, fuse=self.fuse_vision),
                             window=self.window, sensor_size=self.sensor_size)
 
+    def quant_options(self):
+        """:class:`stagewise.engine.quant.QuantOptions`, or ``None`` for ``quantize="none"``."""
+        from stagewise.engine.quant import QuantOptions
+
+        if self.quantize == "none":
+            return None
+        return QuantOptions(self.quantize, group_size=self.quant_group_size, cache_dir=self.quantized_cache,
+                            decode_impl=self.quant_decode_kernel, prefill_impl=self.quant_prefill_kernel)
+
     def engine_options(self, *, max_batch: int, max_seq: int):
         """The engine's own options (:class:`~stagewise.engine.hf.HFOptions` or
         :class:`~stagewise.engine.fast.FastOptions`)."""
@@ -219,7 +239,7 @@ class RunConfig:
             return HFOptions(sampling=self.sampling)
         return FastOptions(max_batch=max_batch, max_seq=max_seq, kv_bucket=self.kv_bucket, check_every=self.check_every,
                            compile=None if self.compile else False, cuda_graphs=None if self.cuda_graphs else False,
-                           sampling=self.sampling)
+                           sampling=self.sampling, quantize=self.quant_options())
 
     def resume_diff(self, recorded: dict) -> list[str]:
         """Fields whose value differs from a recorded ``config.json``'s ``requested`` (for ``--resume``)."""
@@ -247,6 +267,11 @@ class RunConfig:
         e.add_argument("--check-every", type=int, default=d.check_every, help="fast: decode steps between host looks at EOS (default 16)")
         e.add_argument("--no-cuda-graphs", action="store_true", help="fast: run the decode step without CUDA graphs")
         e.add_argument("--no-compile", action="store_true", help="fast: run the layer functions eagerly")
+        e.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4", "fp8"], help="fast: weight-only quantization of the decoder's linear layers and LM head (default none)")
+        e.add_argument("--quant-group-size", type=int, default=d.quant_group_size, help="int4 group size along the input features (default 128)")
+        e.add_argument("--quantized-cache", default=None, help="fast: load/save the quantized weights (safetensors) in this folder")
+        e.add_argument("--quant-decode-kernel", default=d.quant_decode_kernel, choices=["torch", "triton", "dequant"], help="quantized decode kernel (default torch: compiled fused dequantization)")
+        e.add_argument("--quant-prefill-kernel", default=d.quant_prefill_kernel, choices=["dequant", "triton", "scaled_mm"], help="quantized prefill kernel (default dequant: dequantize then cuBLAS)")
         t = parser.add_argument_group("decoding")
         t.add_argument("--output-len", default=d.output_len, help="random weights: fixed:N (default fixed:46), mean:X, trace:FILE (a samples.jsonl)")
         t.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="real weights: stop at EOS or after this many tokens (default 512)")
@@ -295,6 +320,8 @@ class RunConfig:
             device=device, dtype=DTYPES.get(dtype, dtype), seed=args.seed,
             engine=args.engine, batch_size=args.batch_size, kv_bucket=args.kv_bucket, check_every=args.check_every,
             cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
+            quantize=args.quantize, quant_group_size=args.quant_group_size, quantized_cache=args.quantized_cache,
+            quant_decode_kernel=args.quant_decode_kernel, quant_prefill_kernel=args.quant_prefill_kernel,
             output_len=args.output_len, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             gpu_preprocess=args.gpu_preprocess, fuse_vision=args.fuse_vision, vision_graph=args.vision_graph,

@@ -120,8 +120,10 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
                 failed[i] = failure(e)
     ok = sorted(preps)
     decoding = engine.sampling.describe()
+    quant = quantization_label(engine)
     records = [SampleRecord(sample_id=s.sample_id, model=model.name, engine=engine_name, batch_size=len(ok),
-                            error=failed.get(i), decoding=decoding["decoding"]) for i, s in enumerate(samples)]
+                            error=failed.get(i), decoding=decoding["decoding"], quantization=quant,
+                            weight_bytes_per_step=engine.weight_bytes_per_step) for i, s in enumerate(samples)]
     if not ok:
         return BatchResult(records)
     n_new = max(lengths[i] for i in ok) if random_weights else max_new_tokens
@@ -315,7 +317,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     ok = [r for r in records if r.ok]
     if ok and ceilings:
         means = {k: sum(getattr(r, k) or 0 for r in ok) / len(ok) for k in ("n_prefill_tokens", "n_output_tokens", "batch_size", "n_images")}
-        summary["floors"] = stage_floors(model, means, ceilings)
+        summary["floors"] = stage_floors(model, means, ceilings, weight_bytes=engine.weight_bytes_per_step)
     write_json(run_dir / "summary.json", summary)
     from stagewise.results.report import write_report
 
@@ -324,11 +326,22 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
 
 
 def engine_facts(engine: Engine) -> dict[str, Any]:
-    """What the engine applied on this device (compile, graphs, matvec...), for ``config.json``."""
+    """What the engine applied on this device (compile, graphs, matvec, quantization...), for ``config.json``."""
     from stagewise.engine.fast import FastEngine
 
+    facts: dict[str, Any] = {"name": engine.name, "weight_bytes_per_step": engine.weight_bytes_per_step}
     if isinstance(engine, FastEngine):
-        return {"name": engine.name, "compiled": engine.compiled, "cuda_graphs": engine.use_graphs,
-                "prefill_graphs": engine.prefill_graphs, "matvec": engine.matvec, "kv_bucket": engine.kv_bucket,
-                "check_every": engine.check_every, "max_batch": engine.max_batch, "max_seq": engine.max_seq}
-    return {"name": engine.name}
+        facts.update(compiled=engine.compiled, cuda_graphs=engine.use_graphs, prefill_graphs=engine.prefill_graphs,
+                     matvec=engine.matvec, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
+                     max_batch=engine.max_batch, max_seq=engine.max_seq, quantization=engine.quant_info)
+    return facts
+
+
+def quantization_label(engine: Engine) -> str:
+    """``"none"``, or ``"int4-g128"`` / ``"int8"`` / ``"fp8"`` (what the engine applied)."""
+    from stagewise.engine.fast import FastEngine
+
+    if not isinstance(engine, FastEngine) or engine.quant_info is None:
+        return "none"
+    q = engine.quant_info
+    return f"{q['kind']}-g{q['group_size']}" if q.get("group_size") else str(q["kind"])

@@ -390,24 +390,17 @@ def _tiny_lm(seed: int = 0) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("kind, G", [("int8", None), ("int4", 16), ("fp8", None)])
-def test_fast_engine_with_quantized_layers_equals_hf_on_dequantized_weights(kind, G, monkeypatch):
-    """The fast engine with its layer weights replaced by QuantizedWeights (fused qkv / gate-up
-    quantized as one buffer) gives the same greedy ids as the HF reference whose Linears hold the
-    dequantized weights (row-wise scales and K-groups make fused and per-module quantization
-    identical), and different logits from the unquantized model (the quantization took effect)."""
-    import stagewise.engine.fast as fast_mod
+def test_fast_engine_with_quantized_layers_equals_hf_on_dequantized_weights(kind, G, tmp_path):
+    """``FastOptions(quantize=...)``: the fast engine quantizes its fused projections and LM head; it
+    gives the same greedy ids (and logits within fp32 rounding) as the HF reference whose Linears hold
+    the dequantized weights (row-wise scales and K-groups make fused and per-module quantization
+    identical), different logits from the unquantized model (the quantization took effect), records
+    what it applied, and a second engine loads the same weights from the cache."""
     from stagewise.engine.base import stack_left_padded
-    from stagewise.engine.fast import FastEngine
+    from stagewise.engine.fast import FastEngine, FastOptions
     from stagewise.engine.hf import HFEngine
+    from stagewise.engine.quant import QuantOptions
 
-    plain = fast_mod.linear
-
-    def quant_aware_linear(x, w, b, matvec):  # what fast.linear becomes once wired
-        if isinstance(w, QuantizedWeight):
-            return w.linear(x, b, decode=matvec)
-        return plain(x, w, b, matvec)
-
-    monkeypatch.setattr(fast_mod, "linear", quant_aware_linear)
     ref_lm, fast_lm, bf_lm = _tiny_lm(), _tiny_lm(), _tiny_lm()
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     with torch.no_grad():
@@ -417,22 +410,27 @@ def test_fast_engine_with_quantized_layers_equals_hf_on_dequantized_weights(kind
                     if hasattr(mod, name):
                         lin = getattr(mod, name)
                         lin.weight.copy_(quantize_weight(lin.weight, kind, group_size=G or 128).dequantize())
-    engine = FastEngine(fast_lm, max_seq=48, kv_bucket=8)
-    engine.layers = [
-        lw._replace(**{f: quantize_weight(getattr(lw, f), kind, group_size=G or 128)
-                       for f in ("wqkv", "wo", "w_gate_up", "w_down")})
-        for lw in engine.layers
-    ]
+        ref_lm.lm_head.weight.copy_(quantize_weight(ref_lm.lm_head.weight, kind, group_size=G or 128).dequantize())
+    q = QuantOptions(kind, group_size=G or 128, cache_dir=str(tmp_path))
+    engine = FastEngine(fast_lm, FastOptions(max_seq=48, kv_bucket=8, quantize=q))
+    assert engine.quant_info["kind"] == kind and not engine.quant_info["loaded_from_cache"]
+    assert engine.quant_info["decode_kernel"] == "dequant"  # CPU
+    dense_bytes = FastEngine(_tiny_lm(), FastOptions(max_seq=48)).weight_bytes_per_step
+    assert engine.weight_bytes_per_step < dense_bytes
     rows = [torch.randn(9, 64, generator=torch.Generator().manual_seed(1))]
-    embeds, mask = stack_left_padded(rows)
+    embeds, lengths = stack_left_padded(rows)
     outs = {}
     for name, eng in [("fast", engine), ("hf", HFEngine(ref_lm)), ("bf", HFEngine(bf_lm))]:
-        pre = eng.prefill(embeds, mask)
+        pre = eng.prefill(embeds, lengths)
         outs[name] = (pre.logits, eng.decode(pre, 10, None).tokens.tolist())
     diff = (outs["fast"][0] - outs["hf"][0]).abs().max()
     assert diff <= 1e-4, f"prefill logits vs HF on dequantized weights: max |diff| {diff:.3g}"
     assert outs["fast"][1] == outs["hf"][1]
     assert (outs["fast"][0] - outs["bf"][0]).abs().max() > 1e-4, "quantization had no effect"
+    again = FastEngine(_tiny_lm(), FastOptions(max_seq=48, kv_bucket=8, quantize=q))
+    assert again.quant_info["loaded_from_cache"]
+    pre = again.prefill(embeds, lengths)
+    assert again.decode(pre, 10, None).tokens.tolist() == outs["fast"][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,3 +652,27 @@ def test_gpu_triton_prefill_with_dynamic_rows(kind):
         assert (diff <= tol).all(), f"{kind} rows={rows}: max |diff| {diff.max():.3g}"
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for three prompt lengths"
     torch._dynamo.reset()
+
+
+def test_cli_run_records_the_quantization_and_verify_reports_agreement(tmp_path, capsys):
+    import json
+
+    from stagewise.cli import EXIT_USAGE, main
+    from stagewise.results.records import read_samples
+
+    common = ["--num-samples", "1", "--no-ceilings", "--warmup", "0"]
+    assert main(["run", "--engine", "fast", "--quantize", "int8", "--output-len", "fixed:3", *common, "--out", str(tmp_path / "q")]) == 0
+    assert main(["run", "--engine", "fast", "--output-len", "fixed:3", *common, "--out", str(tmp_path / "d")]) == 0
+    q, d = read_samples(tmp_path / "q" / "samples.jsonl")[0], read_samples(tmp_path / "d" / "samples.jsonl")[0]
+    assert q.quantization == "int8" and d.quantization == "none"
+    assert q.weight_bytes_per_step < 0.6 * d.weight_bytes_per_step
+    assert "quantization: int8" in (tmp_path / "q" / "report.md").read_text()
+    assert main(["verify", "--engine", "fast", "--quantize", "int4", "--quant-group-size", "32", "--max-new-tokens", "6",
+                 "--num-samples", "1", "--out", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    s = v["samples"][0]
+    assert s["n_positions"] == 6 and 0 <= s["top1_agreement"] <= 1 and s["mean_kl"] >= 0
+    assert v["quantization"]["kind"] == "int4" and v["weight_bytes_per_step"]["quantized"] < v["weight_bytes_per_step"]["reference"]
+    capsys.readouterr()
+    assert main(["run", "--quantize", "int8"]) == EXIT_USAGE
+    assert "needs --engine fast" in capsys.readouterr().err

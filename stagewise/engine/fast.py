@@ -84,6 +84,12 @@ from stagewise.engine.layers import (
     prefill_out,
     step_in,
 )
+from stagewise.engine.quant import (
+    QuantizedWeight,
+    QuantOptions,
+    quantize_cached,
+    streamed_bytes,
+)
 from stagewise.engine.sampling import (
     GREEDY,
     SamplingParams,
@@ -118,6 +124,8 @@ class FastOptions:
             CUDA; adds ~15 s of compile, saved ~1.1 ms/token at batch 1 on an H100).
         time_steps: record per-step CUDA events (ITL).
         sampling: greedy (default) or sampling on the device.
+        quantize: weight-only quantization of the decoder's linear layers
+            (:class:`~stagewise.engine.quant.QuantOptions`), or ``None``.
 
     Raises:
         ValueError: a field out of range (named).
@@ -134,6 +142,7 @@ class FastOptions:
     autotune: bool | None = None
     time_steps: bool = True
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
+    quantize: QuantOptions | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -277,7 +286,10 @@ class FastEngine:
         self.layers = [_layer_weights(layer) for layer in lm.model.layers]
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
-        self.lm_head = lm.lm_head.weight.detach()  # the embedding itself when tied
+        self.lm_head: torch.Tensor | QuantizedWeight = lm.lm_head.weight.detach()  # the embedding itself when tied
+        self.quant_info: dict[str, object] | None = None
+        if options.quantize is not None:
+            self._quantize(options.quantize)
 
         if self.compiled:
             _raise_recompile_limit()
@@ -301,6 +313,34 @@ class FastEngine:
         self.max_batch = 0
         self.max_seq = 0
         self.setup(options.max_batch, options.max_seq or cfg.max_position_embeddings)
+
+    def _quantize(self, q: QuantOptions) -> None:
+        """Replace the decoder's projection weights (and the LM head) by quantized copies; the HF
+        model keeps its own weights. Records what was applied in ``quant_info``."""
+        names = ("wqkv", "wo", "w_gate_up", "w_down")
+        dense = {f"layers.{i}.{n}": getattr(w, n) for i, w in enumerate(self.layers) for n in names}
+        if q.lm_head:
+            dense["lm_head"] = self.lm_head
+        qw, info = quantize_cached(dense, q.kind, group_size=q.group_size, cache_dir=q.cache_dir,
+                                   decode_impl=q.decode_impl, prefill_impl=q.prefill_impl)
+        self.layers = [w._replace(**{n: qw[f"layers.{i}.{n}"] for n in names}) for i, w in enumerate(self.layers)]
+        if q.lm_head:
+            self.lm_head = qw["lm_head"]
+        sample = qw["layers.0.wqkv"]
+        info["decode_kernel"] = sample.effective_impl(self.device, decode=True, compiling=self.compiled)
+        info["prefill_kernel"] = sample.effective_impl(self.device, decode=False, compiling=self.compiled)
+        info["lm_head"] = q.lm_head
+        self.quant_info = info
+
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step streams: every layer's norms and projections (packed
+        codes and scales when quantized), the final norm and the LM head (the embedding lookup reads
+        one row per token and is not counted), as stored on this rank."""
+        tensors: list[torch.Tensor | QuantizedWeight | None] = [self.norm_w, self.lm_head]
+        for w in self.layers:
+            tensors += list(w)
+        return streamed_bytes(tensors)
 
     # ------------------------------------------------------------------------------------------
     # Allocation and warm-up

@@ -60,6 +60,14 @@ class HFEngine:
     def warmup(self, prompt_len: int, max_new_tokens: int | None, batch_sizes: Sequence[int]) -> None:
         """Nothing to compile or capture (the reference runs eagerly)."""
 
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Weight bytes a decode step streams: every weight but the embedding, in the model dtype
+        (:func:`stagewise.measure.costmodel.llama_decode_weight_bytes`)."""
+        from stagewise.measure.costmodel import llama_decode_weight_bytes
+
+        return llama_decode_weight_bytes(self.lm.config, self.lm.lm_head.weight.element_size())
+
     def _pick(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``generate``'s token selection: argmax, or warp + softmax + ``torch.multinomial``."""
         if self._warpers is None:

@@ -777,3 +777,36 @@ def quantize_cached(
     info = {"kind": kind, "group_size": G, "fingerprint": fp, "cache_path": None if path is None else str(path),
             "loaded_from_cache": loaded, "bytes": streamed_bytes(out.values())}
     return out, info
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """What the fast engine quantizes, and how (``--quantize``).
+
+    Attributes:
+        kind: ``"int8"``, ``"int4"`` or ``"fp8"`` (:data:`KINDS`).
+        group_size: int4's group along K (a power of two dividing K; default 128).
+        cache_dir: load / save the quantized weights here (safetensors, keyed by a fingerprint of
+            the source weights), or ``None``.
+        lm_head: quantize the LM head too (the token embedding stays in the model dtype).
+        decode_impl / prefill_impl: the kernels (:data:`DECODE_IMPLS`, :data:`PREFILL_IMPLS`).
+
+    Raises:
+        ValueError: an unknown kind or kernel, a group size that is not a power of two.
+    """
+
+    kind: str
+    group_size: int = DEFAULT_GROUP_SIZE
+    cache_dir: str | None = None
+    lm_head: bool = True
+    decode_impl: str = "torch"
+    prefill_impl: str = "dequant"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"quantize: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.decode_impl not in DECODE_IMPLS or self.prefill_impl not in PREFILL_IMPLS:
+            raise ValueError(f"quantize: decode_impl in {DECODE_IMPLS}, prefill_impl in {PREFILL_IMPLS}; "
+                             f"got {self.decode_impl!r}, {self.prefill_impl!r}")
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size: must be a power of two, got {self.group_size}")

@@ -70,14 +70,19 @@ def llama_prefill_flops(cfg: LlamaConfig | dict, seq_len: int, batch: int = 1) -
     return weights + attn + 2.0 * batch * d * v
 
 
-def llama_decode_step_bytes(cfg: LlamaConfig | dict, kv_len: int, batch: int = 1, elem_bytes: int = 2) -> int:
-    """Bytes one decode step must move: the weights once, plus the KV cache read for every row."""
-    return llama_decode_weight_bytes(cfg, elem_bytes) + kv_cache_bytes(cfg, kv_len, batch, elem_bytes)
+def llama_decode_step_bytes(cfg: LlamaConfig | dict, kv_len: int, batch: int = 1, elem_bytes: int = 2,
+                            weight_bytes: int | None = None) -> int:
+    """Bytes one decode step must move: the weights once (``weight_bytes`` when given, e.g. quantized
+    or one tensor-parallel rank's share; else all of them in ``elem_bytes``), plus the KV cache read
+    for every row."""
+    w = llama_decode_weight_bytes(cfg, elem_bytes) if weight_bytes is None else weight_bytes
+    return w + kv_cache_bytes(cfg, kv_len, batch, elem_bytes)
 
 
-def llama_decode_bytes(cfg: LlamaConfig | dict, prompt_len: int, n_out: int, batch: int = 1, elem_bytes: int = 2) -> int:
+def llama_decode_bytes(cfg: LlamaConfig | dict, prompt_len: int, n_out: int, batch: int = 1, elem_bytes: int = 2,
+                       weight_bytes: int | None = None) -> int:
     """Bytes of all ``n_out - 1`` decode steps after the prefill (KV length grows by one each)."""
-    return sum(llama_decode_step_bytes(cfg, prompt_len + i, batch, elem_bytes) for i in range(1, n_out))
+    return sum(llama_decode_step_bytes(cfg, prompt_len + i, batch, elem_bytes, weight_bytes) for i in range(1, n_out))
 
 
 def clip_vision_flops(vcfg: LlamaConfig | dict, n_images: int, layers: int | None = None) -> float:
@@ -129,7 +134,8 @@ def measure_ceilings(device: torch.device, copy_bytes: int = 1 << 30, matmul_n: 
     return {"copy_bw_bytes_s": 2.0 * copy_bytes / t_copy, "bf16_flops_s": 2.0 * matmul_n**3 / t_mm, "measured_at": time.time()}
 
 
-def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings: dict[str, float]) -> dict[str, dict[str, Any]]:
+def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings: dict[str, float], *,
+                 weight_bytes: int | None = None) -> dict[str, dict[str, Any]]:
     """Per-stage floors for a run, from the mean token counts of its samples.
 
     Args:
@@ -137,6 +143,9 @@ def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings
         mean_record: means of ``n_prefill_tokens``, ``n_output_tokens``, ``batch_size`` and
             ``n_images`` over the run's samples.
         ceilings: :func:`measure_ceilings` output (empty on CPU: no floors then).
+        weight_bytes: the weight bytes one decode step actually streams on this device (the
+            engine's count: quantized codes and scales, one tensor-parallel rank's share); default
+            every weight in the model dtype. MBU is computed on it.
 
     Returns:
         ``{stage: {"floor_ms", "kind" ("MFU"|"MBU"), "flops", "bytes"}}`` for vision,
@@ -153,8 +162,9 @@ def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings
     n_img = int(round(mean_record.get("n_images", model.n_frames)))
     v_flops = model.vision_flops(n_img) * batch
     p_flops = llama_prefill_flops(cfg, s, batch)
-    p_bytes = llama_decode_weight_bytes(cfg, elem) + kv_cache_bytes(cfg, s, batch, elem)
-    d_bytes = llama_decode_bytes(cfg, s, n_out, batch, elem)
+    w_bytes = llama_decode_weight_bytes(cfg, elem) if weight_bytes is None else weight_bytes
+    p_bytes = w_bytes + kv_cache_bytes(cfg, s, batch, elem)
+    d_bytes = llama_decode_bytes(cfg, s, n_out, batch, elem, w_bytes)
     return {
         "vision": {"floor_ms": 1e3 * v_flops / flops_s, "kind": "MFU", "flops": v_flops, "bytes": None},
         "prefill": {"floor_ms": 1e3 * max(p_flops / flops_s, p_bytes / bw), "kind": "MFU", "flops": p_flops, "bytes": p_bytes},

@@ -73,6 +73,8 @@ class SampleRecord:
     output_ids: list[int] = field(default_factory=list)
     decoding: str | None = None
     seed: int | None = None
+    quantization: str | None = None
+    weight_bytes_per_step: int | None = None
     notes: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None

@@ -216,9 +216,17 @@ def _title(config: dict[str, Any]) -> list[str]:
         text = "greedy" if dec.get("decoding") == "greedy" else ", ".join(f"{k} {v}" for k, v in dec.items())
         out += ["", f"decoding: {text} · applied stage options: "
                 + ", ".join(k for k, v in (applied.get("stages") or {}).items() if v is True) or "none"]
-        eng = applied.get("engine") or {}
+        eng = dict(applied.get("engine") or {})
+        q = eng.pop("quantization", None)
         if eng:
             out.append("engine applied: " + " · ".join(f"{k} {v}" for k, v in eng.items()))
+        if q:
+            group = f" (group {q['group_size']})" if q.get("group_size") else ""
+            head = " and LM head" if q.get("lm_head") else ""
+            out += ["", f"quantization: {q['kind']}{group} weight-only, the decoder's linear layers{head}; "
+                        f"the CLIP tower, projector, embeddings and norms stay {requested(config).get('dtype', '?')}; "
+                        f"decode kernel {q.get('decode_kernel')}, prefill kernel {q.get('prefill_kernel')}; "
+                        f"{fmt_num(eng.get('weight_bytes_per_step', 0) / 1e9)} GB of weights per decode step (MBU is computed on it)."]
     env = config.get("env")
     if isinstance(env, dict) and env:
         out.append("")
