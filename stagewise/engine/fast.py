@@ -313,6 +313,7 @@ class FastEngine:
         self._decoded_id = 0  # which prefill was last decoded (each can be decoded once)
         self._live_batch = 0  # rows of the live prefill
         self._cur = 0  # host copy of buf.slot: the next free cache slot
+        self._prompt_end = 0  # slots the live prompt fills (rewind stops there)
         cache_shape = (d.n_layers, max_batch, d.n_kv_heads, max_seq, d.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
@@ -410,6 +411,7 @@ class FastEngine:
         b.logits[:B].copy_(logits)
         self._prefill_id += 1
         self._live_batch, self._cur = B, S
+        self._prompt_end = S
         return PrefillOutput(nxt, logits, B, S, handle=self._prefill_id)
 
     def _prefill_layers(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -564,6 +566,66 @@ class FastEngine:
     def position(self) -> int:
         """The next free cache slot of the live sequence (host-side; no sync)."""
         return self._cur
+
+    # ------------------------------------------------------------------------------------------
+    # Speculative decoding support (driven by stagewise.engine.speculative): claim a prefill for
+    # an extend/advance loop, roll a draft model back, capture the extend graphs ahead of time
+
+    def claim(self, prefill: PrefillOutput, max_new_tokens: int) -> tuple[int, int]:
+        """Take ``prefill`` for a decode driven through :meth:`extend` / :meth:`advance` (what
+        :meth:`decode` does first): it is then consumed like a decoded one.
+
+        Returns:
+            ``(B, S)``: its batch and padded prompt length.
+
+        Raises:
+            ValueError: a stale ``prefill``, ``max_new_tokens < 1``, or more tokens than the cache holds.
+        """
+        return self._claim(prefill, max_new_tokens)
+
+    @_plain_no_grad
+    def rewind(self, n: int) -> None:
+        """Drop the last ``n`` kept tokens by position (the inverse of :meth:`advance`; their K/V
+        stays, hidden until overwritten): a draft model's rollback after a verify step.
+
+        Raises:
+            ValueError: ``n`` negative or reaching into the prompt.
+        """
+        if n < 0 or self._cur - n < self._prompt_end:
+            raise ValueError(f"fast engine: cannot rewind {n} slots from {self._cur} (prompt ends at {self._prompt_end})")
+        self.buf.pos.sub_(n)
+        self.buf.slot.sub_(n)
+        self._cur -= n
+
+    @_plain_no_grad
+    def warmup_extend(self, prompt_len: int, max_new_tokens: int, sizes: Sequence[int]) -> None:
+        """Compile and capture the batch-1 :meth:`extend` steps of ``sizes`` fed tokens for every
+        KV bucket a run of ``prompt_len`` prompt slots and ``max_new_tokens`` new tokens reaches
+        (a speculative verify step feeds ``k + 1``; a draft model 1 or 2). Time goes to
+        ``warmup_ms``; leaves no live prefill. A no-op when neither compiling nor capturing.
+
+        Raises:
+            ValueError: a size outside ``1..MAX_EXTEND``, or a prompt that leaves no room for it.
+        """
+        if any(not 1 <= S <= MAX_EXTEND for S in sizes):
+            raise ValueError(f"fast engine: extend sizes must be in 1..{MAX_EXTEND}, got {list(sizes)}")
+        if prompt_len + max(sizes, default=0) > self.max_seq:
+            raise ValueError(f"fast engine: a prompt of {prompt_len} slots leaves no room for extend sizes {list(sizes)}")
+        if not (self.compiled or self.use_graphs):
+            return
+        with _counted(self):
+            embeds = 0.02 * torch.randn(1, prompt_len, self.dims.hidden, device=self.device, dtype=self.dtype)
+            self.prefill(embeds, [prompt_len])
+            top = min(prompt_len + max_new_tokens + max(sizes), self.max_seq)  # slots a run can touch
+            for S in sizes:
+                for L in sorted({self._bucket(cur + S - 1) for cur in range(prompt_len, top - S + 1)}):
+                    key = ("extend", 1, S, L)
+                    if not self.use_graphs:
+                        self._extend_step(1, S, L)  # compiles this shape
+                    elif key not in self._graphs:
+                        self._capture_key(key)
+            self._prefill_id += 1  # the warm-up prefill is gone
+            self._live_batch = 0
 
     # ------------------------------------------------------------------------------------------
     # Steps and their graphs
