@@ -493,3 +493,108 @@ def test_speculative_sampling_is_reproducible_and_exact_draft_accepts_all(setup)
     ngram = [speculative_decode(target, target.prefill(row, [9], seeds=[11]), NgramDrafter(2, 1), 3, 16, None,
                                 prompt_ids=setup.ids).tokens for _ in range(2)]
     assert torch.equal(*ngram)
+
+
+# ---------------------------------------------------------------------------------------------
+# Draft models: the llama-68m preset, checkpoint folders, vocabulary checks
+
+
+def test_llama_68m_preset_has_the_published_shapes():
+    d = build_draft("llama-68m", device="meta")
+    cfg = d.lm.config
+    shapes = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
+              cfg.vocab_size, cfg.max_position_embeddings)
+    assert shapes == (768, 2, 12, 3072, 32000, 2048)
+    n = sum(p.numel() for p in d.lm.parameters())
+    assert 68.0e6 < n < 68.1e6, n  # "68M": 2 x 24.6M (embedding, head) + 2 layers x 9.4M
+    assert d.tokenizer is None and d.vocab_size == 32000
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_draft("llama-draft-tiny")
+    with pytest.raises(ValueError, match="unknown"):
+        build_draft("llama-7b")
+
+
+def _save_checkpoint(folder, vocab: int, tokenizer_file) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    if tokenizer_file is not None:
+        (folder / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+
+
+def test_draft_checkpoint_loads_and_its_vocabulary_is_checked(tmp_path):
+    from stagewise.errors import InputError
+    from stagewise.models.draft import check_vocab, from_pretrained, load_draft
+    from stagewise.preprocess.prompt import TINY_TOKENIZER, SPTokenizer
+
+    folder = tmp_path / "draft"
+    _save_checkpoint(folder, 1000, TINY_TOKENIZER)
+    d = load_draft(str(folder), device="cpu", dtype=torch.float32)
+    assert d.source == folder and d.vocab_size == 1000 and d.lm.config.num_hidden_layers == 1
+    target_tok = SPTokenizer(TINY_TOKENIZER, {"<ev_patch>": 977})  # 977 pieces + an added token
+    assert check_vocab(d.tokenizer, target_tok, draft_vocab=d.vocab_size, target_vocab=978, where=folder) == 977
+    assert check_vocab(None, None, draft_vocab=32000, target_vocab=32003) == 32000  # random presets
+    from conftest import LLAMA_TOKENIZER
+
+    if LLAMA_TOKENIZER.is_file():  # a draft with another tokenizer is refused, naming an id
+        with pytest.raises(InputError, match=r"draft.*tokenizer differs.*id \d+"):
+            check_vocab(d.tokenizer, LLAMA_TOKENIZER, draft_vocab=1000, target_vocab=32000, where=folder)
+    with pytest.raises(InputError, match="not found"):
+        from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no config.json"):
+        from_pretrained(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "clip"}')
+    with pytest.raises(InputError, match="must be a LLaMA"):
+        from_pretrained(bad)
+    (bad / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InputError, match="no weights"):
+        from_pretrained(bad)
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_draft("llama-9000", device="cpu", dtype=torch.float32)
+
+
+def test_a_draft_with_a_larger_vocabulary_proposes_shared_ids_only(setup):
+    """Ids past the shared vocabulary mean something else to the target (added tokens): the draft
+    never proposes them, and the greedy ids stay those of plain decoding."""
+    lm = build_draft("llama-draft-tiny", vocab_size=VOCAB + 40, seed=3).lm
+    with torch.no_grad():
+        lm.lm_head.weight[VOCAB:] += 5.0  # make the extra ids the draft's favourites
+    d = DraftModelDrafter.from_lm(lm, max_seq=64, shared_vocab=VOCAB)
+    proposed = []
+    real_propose = d.propose
+
+    def spy(k):
+        draft = real_propose(k)
+        proposed.append(draft.tokens.clone())
+        return draft
+
+    d.propose = spy
+    out = spec_run(setup, d, "text", 3, prompt_ids=setup.ids)
+    assert out.tokens.tolist() == setup.ref["text"].tolist()
+    assert proposed and int(torch.cat(proposed, 1).max()) < VOCAB
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/speculative.py end to end on tiny shapes (its figures mean nothing on CPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "spec.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speculative", "--smoke", "--repeats", "1",
+                           "--new-tokens", "12", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["verify"]["verify_step_ms"]) == {str(k) for k in range(1, 9)}
+    assert all(r["calibrated"] for r in doc["replay"]["sweep"])  # fp32: the reference is exact at once
+    assert "engine cost at controlled acceptance" in doc["what"]
+    assert any("ms/token at m=3.0, replay drafter" in line for line in proc.stdout.splitlines()[-10:])  # table last

@@ -318,7 +318,8 @@ class SpecStats:
         return self.n_emitted_tokens / self.n_verify_steps if self.n_verify_steps else None
 
     def as_record(self) -> dict[str, object]:
-        """The fields a sample record carries (metric names as in vLLM's speculative metrics)."""
+        """The fields a sample record carries (names as issue 10 spells them; ``acceptance_rate`` and
+        ``mean_accepted_length`` are vLLM's acceptance rate and mean acceptance length)."""
         return {
             "speculative_method": self.method,
             "num_speculative_tokens": self.num_speculative_tokens,
