@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_engine_fast import GQA, fast_engine, prompts, run, tiny_lm
+from test_engine_fast import GQA, fast_engine, prompts, tiny_lm
 from test_sampling import chi2_sf
 
 from stagewise.engine.base import stack_left_padded
@@ -306,6 +306,7 @@ def test_prompt_text_ids_drops_the_placeholder():
     ids = torch.tensor([1, 5, -200, 7, 8])
     assert prompt_text_ids(ids, 2).tolist() == [[1, 5, 7, 8]]
     assert prompt_text_ids(ids[:2], None).tolist() == [[1, 5]]
+    assert prompt_text_ids(torch.tensor([1, 32000, 7]), placeholder_id=32000).tolist() == [[1, 7]]
     with pytest.raises(ValueError, match="placeholder_index"):
         prompt_text_ids(ids, 9)
 
@@ -598,3 +599,101 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     assert all(r["calibrated"] for r in doc["replay"]["sweep"])  # fp32: the reference is exact at once
     assert "engine cost at controlled acceptance" in doc["what"]
     assert any("ms/token at m=3.0, replay drafter" in line for line in proc.stdout.splitlines()[-10:])  # table last
+
+
+@pytest.mark.slow
+def test_compiled_engines_give_the_same_speculative_ids():
+    """The torch.compile path (verify steps and draft steps through the compiled layer functions,
+    warmed by warmup_extend) without CUDA graphs: the same ids as the eager engine's plain decode."""
+    lm = tiny_lm(**GQA)
+    row = prompts([9])[0][None]
+    eager = fast_engine(lm, max_seq=64, kv_bucket=8)
+    ref = eager.decode(eager.prefill(row, [9]), NEW, None).tokens
+    target = fast_engine(lm, max_seq=64, kv_bucket=8, compile=True, matvec=True)
+    dec = SpeculativeDecoder(target, ReplayDrafter(ref[0], error_rate=0.3, vocab_size=VOCAB, seed=2), 3)
+    dec.warmup(9, NEW)
+    assert target.warmup_ms > 0
+    out = dec.decode(target.prefill(row, [9]), NEW, None)
+    assert out.tokens.tolist() == ref.tolist()
+    draft = DraftModelDrafter(fast_engine(perturbed_head(), max_seq=64, kv_bucket=8, compile=True, matvec=True))
+    draft.warmup(9, NEW, 3)
+    draft.prefill(inputs_embeds=row)
+    out = speculative_decode(target, target.prefill(row, [9]), draft, 3, NEW, None)
+    assert out.tokens.tolist() == ref.tolist()
+    assert 0 < out.stats.acceptance_rate < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The three model families, through their own stages 1-4
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, one_thread):
+    """The tiny EventGPT, LLaVA-1.5 and Video-LLaVA (LLaMA-2 tokenizer, random weights), each with
+    its prepared prompt: ``{name: (model, Prepared, prompt embeddings [1, S, D])}``."""
+    import numpy as np
+    from conftest import LLAMA_TOKENIZER, require
+    from PIL import Image
+
+    from stagewise.inputs.simulate import moving_edge_events
+    from stagewise.models.base import Sample
+    from stagewise.models.registry import load_model
+    from stagewise.preprocess.prompt import DEFAULT_QUERY
+
+    tok = str(require(LLAMA_TOKENIZER))
+    root = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    samples = {
+        "eventgpt": Sample("ev", DEFAULT_QUERY, events=moving_edge_events(seed=0)),
+        "llava-1.5": Sample("im", DEFAULT_QUERY, image_path=root / "000.png"),
+        "video-llava": Sample("vid", DEFAULT_QUERY, video_path=root),
+    }
+    out = {}
+    for fam, preset in (("eventgpt", "eventgpt-tiny"), ("llava-1.5", "llava-1.5-tiny"), ("video-llava", "video-llava-tiny")):
+        model = load_model(preset, "random", device=torch.device("cpu"), dtype=torch.float32, tokenizer=tok)
+        s = samples[fam]
+        prep = model.preprocess(model.load(s), s.query)
+        with torch.inference_mode():
+            row = model.build_inputs_embeds(prep, model.encode_vision(prep))
+        out[fam] = (model, prep, row[None].clone())
+    return out
+
+
+@pytest.mark.parametrize("fam", ["eventgpt", "llava-1.5", "video-llava"])
+def test_three_families_greedy_ids_equal_plain(families, fam):
+    """Each family's own prompt (vision spliced in): prompt lookup over its text ids and the tiny
+    text-only draft LLaMA (vocabulary checked against the family's tokenizer) give plain greedy ids;
+    for Video-LLaVA also the cross-model draft: EventGPT on its event stream (its own multimodal
+    prompt), ids shared through the common LLaMA-2 pieces."""
+    from stagewise.models.draft import check_vocab
+
+    model, prep, row = families[fam]
+    S, new = row.shape[1], 12
+    target = fast_engine(model.lm, max_seq=S + new + 16, kv_bucket=64)
+    ref = target.decode(target.prefill(row, [S]), new, None).tokens
+    if fam == "eventgpt":
+        text = prompt_text_ids(prep.input_ids, prep.placeholder_index)
+    else:
+        text = prompt_text_ids(prep.input_ids, placeholder_id=model.placeholder_id)
+    assert text.shape[1] == prep.input_ids.shape[0] - 1
+    vocab = model.lm.lm_head.weight.shape[0]
+    drafters = [(NgramDrafter(3, 1), None)]
+    draft = build_draft("llama-draft-tiny", vocab_size=vocab, seed=1)
+    shared = check_vocab(None, model.tokenizer, draft_vocab=draft.vocab_size, target_vocab=vocab)
+    assert shared == 32000
+    drafters.append((DraftModelDrafter.from_lm(draft.lm, max_seq=text.shape[1] + new + 16, shared_vocab=shared), None))
+    if fam == "video-llava":
+        ev_model, ev_prep, ev_row = families["eventgpt"]
+        shared = check_vocab(ev_model.tokenizer, model.tokenizer, draft_vocab=ev_model.lm.lm_head.weight.shape[0], target_vocab=vocab)
+        assert shared == 32000  # the added tokens (<ev_patch>... vs <image>...) are not shared
+        cross = DraftModelDrafter.from_lm(ev_model.lm, max_seq=ev_row.shape[1] + new + 16, shared_vocab=shared)
+        drafters.append((cross, lambda: cross.prefill(inputs_embeds=ev_row)))
+    for drafter, before in drafters:
+        for k in (1, 3):
+            if before is not None:
+                before()
+            out = speculative_decode(target, target.prefill(row, [S]), drafter, k, new, None, prompt_ids=text)
+            assert out.tokens.tolist() == ref.tolist(), f"{fam}, {drafter.name}, k = {k}"
+            check_stats(out, k)

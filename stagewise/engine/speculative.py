@@ -140,24 +140,31 @@ class Drafter(Protocol):
         ...
 
 
-def prompt_text_ids(input_ids: torch.Tensor, placeholder_index: int | None) -> torch.Tensor:
+def prompt_text_ids(input_ids: torch.Tensor, placeholder_index: int | None = None, *,
+                    placeholder_id: int | None = None) -> torch.Tensor:
     """The prompt's text ids without its vision placeholder, as ``[1, S_text - 1]`` (what the
     n-gram drafter looks up and what a text-only draft model is prefilled with).
 
     Args:
-        input_ids: ``[S_text]`` int64 holding one vision placeholder (``Prepared.input_ids``).
-        placeholder_index: its position (``Prepared.placeholder_index``); ``None``: no placeholder.
+        input_ids: ``[S_text]`` int64 (``Prepared.input_ids``).
+        placeholder_index: the placeholder's position when known on the host
+            (``Prepared.placeholder_index``, EventGPT); dropped without reading the device.
+        placeholder_id: otherwise, the placeholder's id (LLaVA's ``<image>``, Video-LLaVA's
+            ``<video>``): every position holding it is dropped (a boolean mask: one host read,
+            so call it outside timed stages). Neither given: ``input_ids`` as they are.
 
     Raises:
         ValueError: ``input_ids`` not 1-D, or the index outside it.
     """
     if input_ids.ndim != 1:
         raise ValueError(f"prompt_text_ids: input_ids must be [S_text], got {list(input_ids.shape)}")
-    if placeholder_index is None:
-        return input_ids[None]
-    if not 0 <= placeholder_index < input_ids.shape[0]:
-        raise ValueError(f"prompt_text_ids: placeholder_index {placeholder_index} outside [0, {input_ids.shape[0]})")
-    return torch.cat([input_ids[:placeholder_index], input_ids[placeholder_index + 1:]])[None]
+    if placeholder_index is not None:
+        if not 0 <= placeholder_index < input_ids.shape[0]:
+            raise ValueError(f"prompt_text_ids: placeholder_index {placeholder_index} outside [0, {input_ids.shape[0]})")
+        return torch.cat([input_ids[:placeholder_index], input_ids[placeholder_index + 1:]])[None]
+    if placeholder_id is not None:
+        return input_ids[input_ids != placeholder_id][None]
+    return input_ids[None]
 
 
 # ----------------------------------------------------------------------------------------------
