@@ -231,6 +231,20 @@ def test_decoder_refuses_what_it_cannot_do(setup):
         NgramDrafter(0)
 
 
+def test_extend_matvec_variant_computes_the_same_logits(setup):
+    """The weight-major reduction for a verify step's rows (FastOptions.extend_matvec) equals the
+    cuBLAS path (eagerly here; compiled in the slow test below)."""
+    ref_eng = fast_engine(setup.lm, max_seq=40, kv_bucket=8)
+    mv_eng = fast_engine(setup.lm, max_seq=40, kv_bucket=8, extend_matvec=True)
+    tokens = setup.ref["embeds"][:, :5]
+    outs = []
+    for eng in (ref_eng, mv_eng):
+        eng.prefill(setup.embeds["embeds"], [9])
+        outs.append(eng.extend(tokens).clone())
+    diff = (outs[0] - outs[1]).abs()
+    assert diff.max() < 1e-4, f"extend_matvec logits: max |diff| {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
 def test_engine_rewind_and_extend_warmup(setup):
     eng = fast_engine(setup.lm, max_seq=40, kv_bucket=8)
     eng.prefill(setup.embeds["embeds"], [9])
@@ -614,6 +628,9 @@ def test_compiled_engines_give_the_same_speculative_ids():
     dec.warmup(9, NEW)
     assert target.warmup_ms > 0
     out = dec.decode(target.prefill(row, [9]), NEW, None)
+    assert out.tokens.tolist() == ref.tolist()
+    variant = fast_engine(lm, max_seq=64, kv_bucket=8, compile=True, matvec=True, extend_matvec=True)
+    out = speculative_decode(variant, variant.prefill(row, [9]), ReplayDrafter(ref[0], error_rate=0.3, vocab_size=VOCAB, seed=2), 3, NEW, None)
     assert out.tokens.tolist() == ref.tolist()
     draft = DraftModelDrafter(fast_engine(perturbed_head(), max_seq=64, kv_bucket=8, compile=True, matvec=True))
     draft.warmup(9, NEW, 3)

@@ -104,6 +104,11 @@ class FastOptions:
             CUDA; adds ~15 s of compile, saved ~1.1 ms/token at batch 1 on an H100).
         time_steps: record per-step CUDA events (ITL).
         sampling: greedy (default) or sampling on the device.
+        extend_matvec: batch-1 :meth:`FastEngine.extend` projections (a speculative verify step's
+            ``k + 1`` rows) as compiler-generated reductions that stream each weight row once for
+            all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
+            ``compile`` (eagerly it materializes ``[N, rows, K]``). Off by default until measured
+            faster on the GPU (``benchmarks/speculative.py`` times both).
 
     Raises:
         ValueError: a field out of range (named).
@@ -120,6 +125,7 @@ class FastOptions:
     autotune: bool | None = None
     time_steps: bool = True
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
+    extend_matvec: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -656,16 +662,16 @@ class FastEngine:
     def _extend_step(self, B: int, S: int, length: int) -> None:
         """``S`` fed tokens per row at slots ``[slot, slot + S)``, attending to ``length`` slots;
         logits into ``ext_logits``. Static buffers only (graph-capturable)."""
-        d = self.dims
+        d, mv = self.dims, self.options.extend_matvec and B == 1
         buf, kvs = self._batch_views(B)
         x, rope, bias = self._step_in(buf.ext_tokens[:, :S], buf.pos, buf.slot, buf.pad_bias[:, :length],
                                       self.embed, self.rope_table, group=d.group)
         slots = buf.slot + self._arange[:S]  # [S]
         for w, kv in zip(self.layers, kvs):
-            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=False)
+            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=mv)
             attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
-            x = self._decode_out(x, attn, w, dims=d, matvec=False, reduce=self.reduce)
-        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=False))
+            x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
+        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
     @functools.cached_property
     def _arange(self) -> torch.Tensor:

@@ -125,7 +125,9 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, matvec: bool) -> 
     ``matvec`` marks the memory-bound case (one row per step, under ``torch.compile``): a dense
     weight is then written as a multiply-and-sum that the compiler turns into one reduction kernel
     streaming ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its loads
-    (eagerly it would materialize ``[N, K]``); otherwise cuBLAS. A quantized weight picks its own
+    (eagerly it would materialize ``[N, K]``); with a few rows (``FastOptions.extend_matvec``, a
+    verify step) the same reduction is written weight-major so each weight row is read once for all
+    rows; otherwise cuBLAS. A quantized weight picks its own
     decode (fused dequantization) or prefill kernel from the same flag. (Folding the RMSNorm
     statistics into the same reduction, as ``rsqrt(mean(x^2)) * (w @ (ln * x))``, removes a kernel
     per norm but measured slower: the compiler then inlines the rescaling into the next projection's
@@ -133,7 +135,13 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, matvec: bool) -> 
     """
     if not isinstance(w, torch.Tensor):
         return w.linear(x, b, decode=matvec)
-    if matvec:
+    if matvec and x.shape[:-1].numel() > 1:
+        # a few rows (a verify step): built weight-major, [N, M], so that consecutive outputs share a
+        # weight row and the kernel streams each row once for all M rows; then transposed
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        y = (w.float()[:, None, :] * rows.float()[None]).sum(-1)  # [N, M]
+        y = y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
+    elif matvec:
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
     else:
         y = F.linear(x, w)
