@@ -416,10 +416,11 @@ class SpeculativeDecoder:
         eng, k = self.engine, self.k
         if prefill.batch != 1:
             raise ValueError(f"speculative decoding: batch 1 only for now, got a batch of {prefill.batch}")
-        B, S = eng.claim(prefill, max_new_tokens)
+        S = prefill.prompt_len
         if S + max_new_tokens - 1 + k > eng.max_seq:
             raise ValueError(f"speculative decoding: prompt of {S} + {max_new_tokens} new tokens + k = {k} needs "
                              f"{S + max_new_tokens - 1 + k} cache slots, more than max_seq={eng.max_seq}")
+        eng.claim(prefill, max_new_tokens)
         if prompt_ids is not None and prompt_ids.ndim == 1:
             prompt_ids = prompt_ids[None]
         timer = StepTimer(eng.device)
@@ -430,7 +431,7 @@ class SpeculativeDecoder:
         sampling = eng.sampling
         if not done:
             self.drafter.start(DraftStart(first, prompt_ids, max_new_tokens, k, sampling, eng.buf.seeds[:1], eng.dims.vocab))
-        last = first[:, None].clone()  # [1, 1]: the emitted token not yet fed to the target
+        last = first[:, None]  # [1, 1]: the emitted token not yet fed to the target
         position = torch.ones(1, dtype=torch.long, device=eng.device)  # output position of row 0
         timer.mark()
         while not done:
@@ -446,8 +447,9 @@ class SpeculativeDecoder:
             n = host[0]
             eng.advance(n + 1)
             self.drafter.accept(n, emitted)
-            last.copy_(emitted[:, n:n + 1])
-            position.add_(n + 1)
+            last = emitted[:, n:n + 1]  # a view: emitted is a fresh tensor every round
+            if not sampling.greedy:
+                position.add_(n + 1)
             timer.mark()
             n_steps += 1
             n_accepted += n
