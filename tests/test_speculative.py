@@ -714,3 +714,37 @@ def test_three_families_greedy_ids_equal_plain(families, fam):
             out = speculative_decode(target, target.prefill(row, [S]), drafter, k, new, None, prompt_ids=text)
             assert out.tokens.tolist() == ref.tolist(), f"{fam}, {drafter.name}, k = {k}"
             check_stats(out, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: compiled layer functions + CUDA graphs (verify and draft steps replayed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extend_matvec", [False, True])
+def test_cuda_graph_speculative_ids_equal_plain_fp32(extend_matvec):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lm = tiny_lm(**GQA).cuda()
+    row = prompts([30])[0][None].cuda()
+    new, k = 24, 4
+    target = fast_engine(lm, max_seq=64, kv_bucket=16, extend_matvec=extend_matvec)  # crosses buckets 32 -> 48 -> 64
+    target.warmup(30, new, batch_sizes=[1])
+    ref = target.decode(target.prefill(row, [30]), new, None).tokens
+    dec = SpeculativeDecoder(target, ReplayDrafter(ref[0].cuda(), error_rate=0.3, vocab_size=VOCAB, seed=1), k)
+    dec.warmup(30, new)
+    assert {key for key in target._graphs if key[0] == "extend"} == {("extend", 1, k + 1, L) for L in (48, 64)}
+    captured = set(target._graphs)
+    out = dec.decode(target.prefill(row, [30]), new, None)
+    assert out.tokens.tolist() == ref.tolist()
+    assert set(target._graphs) == captured, "a verify step was captured outside warm-up"
+    assert 0 < out.stats.acceptance_rate < 1 and all(ms > 0 for ms in out.step_ms)
+    draft = DraftModelDrafter(fast_engine(perturbed_head().cuda(), max_seq=64, kv_bucket=16))
+    draft.warmup(30, new, k)
+    n_graphs = len(draft.engine._graphs)
+    draft.prefill(inputs_embeds=row)
+    out = speculative_decode(target, target.prefill(row, [30]), draft, k, new, None)
+    assert out.tokens.tolist() == ref.tolist()
+    assert len(draft.engine._graphs) == n_graphs, "a draft step was captured outside warm-up"
+    ngram = speculative_decode(target, target.prefill(row, [30]), NgramDrafter(3, 1), k, new, None, prompt_ids=ref.cuda())
+    assert ngram.tokens.tolist() == ref.tolist() and ngram.stats.acceptance_rate > 0.5
