@@ -36,7 +36,12 @@ from stagewise import STAGES
 from stagewise.engine import make_engine
 from stagewise.engine.base import stack_left_padded
 from stagewise.engine.fast import FastOptions
-from stagewise.measure.costmodel import kv_cache_bytes, llama_decode_step_bytes, llama_prefill_flops, measure_ceilings
+from stagewise.measure.costmodel import (
+    kv_cache_bytes,
+    llama_decode_step_bytes,
+    llama_prefill_flops,
+    measure_ceilings,
+)
 from stagewise.measure.env import environment
 from stagewise.measure.timing import device_sync, time_ms
 from stagewise.models.base import Sample

@@ -215,7 +215,10 @@ def test_quantized_weight_validates_its_fields():
 
 
 def test_nbytes_formula_and_cost_model():
-    from stagewise.measure.costmodel import llama_decode_weight_bytes, llama_quantized_weight_bytes
+    from stagewise.measure.costmodel import (
+        llama_decode_weight_bytes,
+        llama_quantized_weight_bytes,
+    )
 
     for kind, G in [("int8", None), ("fp8", None), ("int4", 16), ("int4", 64)]:
         q = quantize_weight(torch.randn(24, 128), kind, group_size=G or 128)

@@ -126,6 +126,11 @@ class FastOptions:
         sampling: greedy (default) or sampling on the device.
         quantize: weight-only quantization of the decoder's linear layers
             (:class:`~stagewise.engine.quant.QuantOptions`), or ``None``.
+        extend_matvec: batch-1 :meth:`FastEngine.extend` projections (a speculative verify step's
+            ``k + 1`` rows) as compiler-generated reductions that stream each weight row once for
+            all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
+            ``compile`` (eagerly it materializes ``[N, rows, K]``). Off by default until measured
+            faster on the GPU (``benchmarks/speculative.py`` times both).
 
     Raises:
         ValueError: a field out of range (named).
@@ -143,6 +148,7 @@ class FastOptions:
     time_steps: bool = True
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
     quantize: QuantOptions | None = None
+    extend_matvec: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -366,6 +372,7 @@ class FastEngine:
         self._decoded_id = 0  # which prefill was last decoded (each can be decoded once)
         self._live_batch = 0  # rows of the live prefill
         self._cur = 0  # host copy of buf.slot: the next free cache slot
+        self._prompt_end = 0  # slots the live prompt fills (rewind stops there)
         cache_shape = (d.n_layers, max_batch, d.n_kv_heads, max_seq, d.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
@@ -463,6 +470,7 @@ class FastEngine:
         b.logits[:B].copy_(logits)
         self._prefill_id += 1
         self._live_batch, self._cur = B, S
+        self._prompt_end = S
         return PrefillOutput(nxt, logits, B, S, handle=self._prefill_id)
 
     def _prefill_layers(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -619,6 +627,66 @@ class FastEngine:
         return self._cur
 
     # ------------------------------------------------------------------------------------------
+    # Speculative decoding support (driven by stagewise.engine.speculative): claim a prefill for
+    # an extend/advance loop, roll a draft model back, capture the extend graphs ahead of time
+
+    def claim(self, prefill: PrefillOutput, max_new_tokens: int) -> tuple[int, int]:
+        """Take ``prefill`` for a decode driven through :meth:`extend` / :meth:`advance` (what
+        :meth:`decode` does first): it is then consumed like a decoded one.
+
+        Returns:
+            ``(B, S)``: its batch and padded prompt length.
+
+        Raises:
+            ValueError: a stale ``prefill``, ``max_new_tokens < 1``, or more tokens than the cache holds.
+        """
+        return self._claim(prefill, max_new_tokens)
+
+    @_plain_no_grad
+    def rewind(self, n: int) -> None:
+        """Drop the last ``n`` kept tokens by position (the inverse of :meth:`advance`; their K/V
+        stays, hidden until overwritten): a draft model's rollback after a verify step.
+
+        Raises:
+            ValueError: ``n`` negative or reaching into the prompt.
+        """
+        if n < 0 or self._cur - n < self._prompt_end:
+            raise ValueError(f"fast engine: cannot rewind {n} slots from {self._cur} (prompt ends at {self._prompt_end})")
+        self.buf.pos.sub_(n)
+        self.buf.slot.sub_(n)
+        self._cur -= n
+
+    @_plain_no_grad
+    def warmup_extend(self, prompt_len: int, max_new_tokens: int, sizes: Sequence[int]) -> None:
+        """Compile and capture the batch-1 :meth:`extend` steps of ``sizes`` fed tokens for every
+        KV bucket a run of ``prompt_len`` prompt slots and ``max_new_tokens`` new tokens reaches
+        (a speculative verify step feeds ``k + 1``; a draft model 1 or 2). Time goes to
+        ``warmup_ms``; leaves no live prefill. A no-op when neither compiling nor capturing.
+
+        Raises:
+            ValueError: a size outside ``1..MAX_EXTEND``, or a prompt that leaves no room for it.
+        """
+        if any(not 1 <= S <= MAX_EXTEND for S in sizes):
+            raise ValueError(f"fast engine: extend sizes must be in 1..{MAX_EXTEND}, got {list(sizes)}")
+        if prompt_len + max(sizes, default=0) > self.max_seq:
+            raise ValueError(f"fast engine: a prompt of {prompt_len} slots leaves no room for extend sizes {list(sizes)}")
+        if not (self.compiled or self.use_graphs):
+            return
+        with _counted(self):
+            embeds = 0.02 * torch.randn(1, prompt_len, self.dims.hidden, device=self.device, dtype=self.dtype)
+            self.prefill(embeds, [prompt_len])
+            top = min(prompt_len + max_new_tokens + max(sizes), self.max_seq)  # slots a run can touch
+            for S in sizes:
+                for L in sorted({self._bucket(cur + S - 1) for cur in range(prompt_len, top - S + 1)}):
+                    key = ("extend", 1, S, L)
+                    if not self.use_graphs:
+                        self._extend_step(1, S, L)  # compiles this shape
+                    elif key not in self._graphs:
+                        self._capture_key(key)
+            self._prefill_id += 1  # the warm-up prefill is gone
+            self._live_batch = 0
+
+    # ------------------------------------------------------------------------------------------
     # Steps and their graphs
 
     def _step(self, key: tuple) -> None:
@@ -647,16 +715,16 @@ class FastEngine:
     def _extend_step(self, B: int, S: int, length: int) -> None:
         """``S`` fed tokens per row at slots ``[slot, slot + S)``, attending to ``length`` slots;
         logits into ``ext_logits``. Static buffers only (graph-capturable)."""
-        d = self.dims
+        d, mv = self.dims, self.options.extend_matvec and B == 1
         buf, kvs = self._batch_views(B)
         x, rope, bias = self._step_in(buf.ext_tokens[:, :S], buf.pos, buf.slot, buf.pad_bias[:, :length],
                                       self.embed, self.rope_table, group=d.group)
         slots = buf.slot + self._arange[:S]  # [S]
         for w, kv in zip(self.layers, kvs):
-            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=False)
+            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=mv)
             attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
-            x = self._decode_out(x, attn, w, dims=d, matvec=False, reduce=self.reduce)
-        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=False))
+            x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
+        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
     @functools.cached_property
     def _arange(self) -> torch.Tensor:

@@ -122,19 +122,27 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, *, matvec: bool, decode: bool) -> torch.Tensor:
     """``x @ w.T (+ b)`` with ``x: [..., K]``, ``w: [N, K]`` dense or quantized.
 
-    ``matvec`` (dense weights) marks the batch-1 decode case under ``torch.compile``: the weight is
+    ``matvec`` (dense weights) marks the memory-bound case under ``torch.compile``: the weight is
     then written as a multiply-and-sum that the compiler turns into one reduction kernel streaming
     ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its loads (eagerly it
-    would materialize ``[N, K]``); otherwise cuBLAS. ``decode`` (quantized weights) picks the
-    memory-bound kernel with fused dequantization (a decode or verify step: few rows) over the
-    prefill GEMM (:meth:`stagewise.engine.quant.QuantizedWeight.linear`). (Folding the RMSNorm
+    would materialize ``[N, K]``); with a few rows (``FastOptions.extend_matvec``, a verify step) the
+    same reduction is written weight-major so each weight row is read once for all rows; otherwise
+    cuBLAS. ``decode`` (quantized weights) picks the memory-bound kernel with fused dequantization
+    (a decode or verify step: few rows) over the prefill GEMM
+    (:meth:`stagewise.engine.quant.QuantizedWeight.linear`). (Folding the RMSNorm
     statistics into the same reduction, as ``rsqrt(mean(x^2)) * (w @ (ln * x))``, removes a kernel
     per norm but measured slower: the compiler then inlines the rescaling into the next projection's
     loads.)
     """
     if not isinstance(w, torch.Tensor):
         return w.linear(x, b, decode=decode)
-    if matvec:
+    if matvec and x.shape[:-1].numel() > 1:
+        # a few rows (a verify step): built weight-major, [N, M], so that consecutive outputs share a
+        # weight row and the kernel streams each row once for all M rows; then transposed
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        y = (w.float()[:, None, :] * rows.float()[None]).sum(-1)  # [N, M]
+        y = y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
+    elif matvec:
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
     else:
         y = F.linear(x, w)
