@@ -78,6 +78,9 @@ def parse_output_len(spec: str) -> OutputLenPolicy:
 # The run's configuration
 
 
+SPECULATE_METHODS = ("none", "ngram", "draft_model", "multimodal_draft")
+"""``--speculate``: vLLM's method names, plus a multimodal draft model on its own input."""
+
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
 """Accepted ``--dtype`` names -> torch dtype names."""
@@ -99,6 +102,10 @@ class RunConfig:
         preset / weights / tokenizer / vision_tower: the model (``weights``: ``"random"`` or a folder).
         device / dtype / seed: where, in which precision; the base seed (sampling, random weights).
         engine / batch_size / kv_bucket / check_every / cuda_graphs / compile: the decode engine.
+        speculate / num_speculative_tokens / draft_model / prompt_lookup_max / prompt_lookup_min:
+            speculative decoding in the fast engine (``ngram``: prompt lookup; ``draft_model``: a
+            text-only LLaMA draft, a preset such as ``llama-68m`` or a folder; ``multimodal_draft``:
+            another registry model on its own input, e.g. ``eventgpt-7b`` drafting for Video-LLaVA).
         quantize / quant_group_size / quantized_cache / quant_decode_kernel / quant_prefill_kernel:
             weight-only quantization of the decoder in the fast engine (``none`` by default).
         output_len / max_new_tokens: generated length (random weights: a policy; real: EOS or the cap).
@@ -135,6 +142,11 @@ class RunConfig:
     vision_graph: bool = False
     vision_compile: bool = False
     fast_stages: bool = False
+    speculate: str = "none"
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
     quantize: str = "none"
     quant_group_size: int = 128
     quantized_cache: str | None = None
@@ -168,6 +180,15 @@ class RunConfig:
             raise ValueError(f"dtype: expected one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.speculate not in SPECULATE_METHODS:
+            raise ValueError(f"speculate: expected one of {', '.join(SPECULATE_METHODS)}, got {self.speculate!r}")
+        if self.speculate != "none":
+            if self.engine != "fast" or self.batch_size != 1:
+                raise ValueError("speculate: needs --engine fast and --batch-size 1 (batches are not done yet)")
+            if not 1 <= self.num_speculative_tokens <= 15:
+                raise ValueError(f"num_speculative_tokens: must be in 1..15, got {self.num_speculative_tokens}")
+            if self.speculate in ("draft_model", "multimodal_draft") and not self.draft_model:
+                raise ValueError(f"draft_model: --speculate {self.speculate} needs --draft-model PRESET_OR_FOLDER")
         if self.quantize != "none":
             if self.engine != "fast":
                 raise ValueError("quantize: needs --engine fast")
@@ -272,6 +293,12 @@ class RunConfig:
         e.add_argument("--quantized-cache", default=None, help="fast: load/save the quantized weights (safetensors) in this folder")
         e.add_argument("--quant-decode-kernel", default=d.quant_decode_kernel, choices=["torch", "triton", "dequant"], help="quantized decode kernel (default torch: compiled fused dequantization)")
         e.add_argument("--quant-prefill-kernel", default=d.quant_prefill_kernel, choices=["dequant", "triton", "scaled_mm"], help="quantized prefill kernel (default dequant: dequantize then cuBLAS)")
+        sp = parser.add_argument_group("speculative decoding (fast engine, batch 1)")
+        sp.add_argument("--speculate", default=d.speculate, choices=list(SPECULATE_METHODS), help="none (default); ngram: prompt lookup; draft_model: a text-only LLaMA draft; multimodal_draft: another registry model on its own input")
+        sp.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, help="draft tokens per verify step, k (default 4)")
+        sp.add_argument("--draft-model", default=None, help="draft_model: llama-68m (preset) or a LLaMA folder; multimodal_draft: a preset (eventgpt-7b) or checkpoint folder")
+        sp.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest n-gram looked up (vLLM's default 5)")
+        sp.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest n-gram looked up")
         t = parser.add_argument_group("decoding")
         t.add_argument("--output-len", default=d.output_len, help="random weights: fixed:N (default fixed:46), mean:X, trace:FILE (a samples.jsonl)")
         t.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="real weights: stop at EOS or after this many tokens (default 512)")
@@ -320,6 +347,8 @@ class RunConfig:
             device=device, dtype=DTYPES.get(dtype, dtype), seed=args.seed,
             engine=args.engine, batch_size=args.batch_size, kv_bucket=args.kv_bucket, check_every=args.check_every,
             cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
+            speculate=args.speculate, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
+            prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
             quantize=args.quantize, quant_group_size=args.quant_group_size, quantized_cache=args.quantized_cache,
             quant_decode_kernel=args.quant_decode_kernel, quant_prefill_kernel=args.quant_prefill_kernel,
             output_len=args.output_len, max_new_tokens=args.max_new_tokens,

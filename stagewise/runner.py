@@ -28,6 +28,7 @@ from stagewise.config import OutputLenPolicy, RunConfig, _jsonable, parse_output
 from stagewise.engine import make_engine
 from stagewise.engine.base import Engine, stack_left_padded
 from stagewise.engine.sampling import row_seed
+from stagewise.engine.speculative import Drafter, SpeculativeDecoder, prompt_text_ids
 from stagewise.errors import InputError
 from stagewise.measure.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
 from stagewise.measure.timing import StageClock, device_sync
@@ -54,6 +55,67 @@ class BatchResult:
     """One measured batch: its records (in sample order)."""
 
     records: list[SampleRecord]
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding of a run: the decoder over the target engine, its drafter, and the
+    multimodal draft model whose stages 1-4 run per sample (``multimodal_draft``), if any."""
+
+    decoder: SpeculativeDecoder
+    drafter: Drafter
+    draft_model: MultimodalModel | None = None
+    text_draft: bool = False  # a text-only draft LM: prefilled with the prompt's text ids
+
+
+def build_speculation(cfg: RunConfig, model: MultimodalModel, engine: Engine, *, max_new_tokens: int,
+                      prompt_bound: int) -> Speculation | None:
+    """The run's :class:`Speculation` for ``cfg.speculate`` (``None`` for ``none``).
+
+    Raises:
+        ValueError / InputError: an unknown or unusable draft model, a draft whose tokenizer
+            differs from the target's.
+    """
+    from stagewise.engine.fast import FastEngine
+    from stagewise.engine.speculative import DraftModelDrafter, NgramDrafter
+    from stagewise.models.draft import check_vocab, load_draft
+    from stagewise.models.registry import load_model
+
+    if cfg.speculate == "none":
+        return None
+    if not isinstance(engine, FastEngine):
+        raise ValueError("speculate: needs --engine fast")
+    k = cfg.num_speculative_tokens
+    target_vocab = int(model.lm.lm_head.weight.shape[0])
+    draft_seq = _round_up(prompt_bound + max_new_tokens + k + 8, 64)
+    if cfg.speculate == "ngram":
+        drafter = NgramDrafter(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        return Speculation(SpeculativeDecoder(engine, drafter, k), drafter)
+    if cfg.speculate == "draft_model":
+        from stagewise.models.draft import PRESETS as DRAFT_PRESETS
+
+        own_vocab = DRAFT_PRESETS.get(cfg.draft_model, {}).get("vocab_size", 1)
+        d = load_draft(cfg.draft_model, device=model.device, dtype=model.dtype, seed=cfg.seed,
+                       vocab_size=None if own_vocab else target_vocab)  # a tiny draft takes the target's
+        shared = check_vocab(d.tokenizer, model.tokenizer, draft_vocab=d.vocab_size, target_vocab=target_vocab,
+                             where=d.source)
+        drafter = DraftModelDrafter.from_lm(d.lm, max_seq=draft_seq, shared_vocab=shared)
+        return Speculation(SpeculativeDecoder(engine, drafter, k), drafter, text_draft=True)
+    weights = "random" if cfg.draft_model in _preset_names() else cfg.draft_model
+    preset = cfg.draft_model if weights == "random" else None
+    dm = load_model(preset, weights, device=model.device, dtype=model.dtype, seed=cfg.seed)
+    dm.configure(dm.applicable(model.options))
+    shared = check_vocab(dm.tokenizer, model.tokenizer, draft_vocab=int(dm.lm.lm_head.weight.shape[0]),
+                         target_vocab=target_vocab, where=cfg.draft_model)
+    drafter = DraftModelDrafter.from_lm(dm.lm, max_seq=_round_up(dm.n_vision_tokens + PROMPT_TEXT_BUDGET + max_new_tokens + k + 8, 64),
+                                        shared_vocab=shared)
+    return Speculation(SpeculativeDecoder(engine, drafter, k), drafter, draft_model=dm)
+
+
+def _preset_names() -> list[str]:
+    from stagewise.models.registry import all_presets
+
+    return all_presets()
 
 
 def failure(e: BaseException) -> str:
@@ -83,7 +145,8 @@ def resolve_stage_options(model: MultimodalModel, cfg: RunConfig) -> StageOption
 
 
 def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], lengths: list[int], *,
-              random_weights: bool, max_new_tokens: int, seeds: list[int], engine_name: str) -> BatchResult:
+              random_weights: bool, max_new_tokens: int, seeds: list[int], engine_name: str,
+              spec: Speculation | None = None) -> BatchResult:
     """Run ``samples`` as one batch through the five stages and measure it.
 
     A sample whose stage 1 or 2 fails gets an error record; the others go on. A failure in stages
@@ -92,6 +155,8 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
     Args:
         lengths: tokens to generate per sample (random weights; ignored otherwise).
         seeds: per-sample sampling seeds.
+        spec: speculative decoding (batch 1): a draft model's stages run between prefill and decode
+            as their own timed stages; decode runs the verify loop.
 
     Returns:
         records in the order of ``samples``.
@@ -134,8 +199,29 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
         rows = [model.build_inputs_embeds(preps[i], vision[i]) for i in ok]
         embeds, prompt_lens = stack_left_padded(rows)
         pf = engine.prefill(embeds, prompt_lens, [seeds[i] for i in ok])
-    with clock.stage("decode"):
-        out = engine.decode(pf, n_new, eos)
+    spec_stats = None
+    if spec is None:
+        with clock.stage("decode"):
+            out = engine.decode(pf, n_new, eos)
+    else:
+        prep0 = preps[ok[0]]
+        text_ids = prompt_text_ids(prep0.input_ids, prep0.placeholder_index)
+        if spec.draft_model is not None:
+            dm, ds = spec.draft_model, samples[ok[0]].draft or samples[ok[0]]
+            with clock.stage("draft_load"):
+                d_loaded = dm.load(ds)
+            with clock.stage("draft_preprocess"):
+                d_prep = dm.preprocess(d_loaded, ds.query)
+            with clock.stage("draft_vision"):
+                d_vision = dm.encode_vision(d_prep)
+            with clock.stage("draft_prefill"):
+                spec.drafter.prefill(inputs_embeds=dm.build_inputs_embeds(d_prep, d_vision))
+        elif spec.text_draft:
+            with clock.stage("draft_prefill"):
+                spec.drafter.prefill(input_ids=text_ids)
+        with clock.stage("decode"):
+            out = spec.decoder.decode(pf, n_new, eos, prompt_ids=text_ids)
+        spec_stats = out.stats
     e2e_ms = (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     stage_ms = clock.stage_ms
@@ -148,6 +234,7 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
         ids = out.tokens[b, :n_out].tolist()
         rec = records[i]
         rec.load_ms, rec.preprocess_ms, rec.vision_ms, rec.prefill_ms, rec.decode_ms = (stage_ms[s] for s in STAGES)
+        rec.draft_stage_ms = {s: ms for s, ms in stage_ms.items() if s.startswith("draft_")}
         rec.e2el_ms = e2e_ms
         rec.stage_gap = gap
         rec.ttft_ms = ttft_ms
@@ -172,6 +259,8 @@ def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], len
             "prefill.kv_cache": [cfg.num_hidden_layers, 2, len(ok), cfg.num_key_value_heads, int(embeds.shape[1]), cfg.hidden_size // cfg.num_attention_heads],
             "decode.output_ids": [n_out],
         }
+        if spec_stats is not None:
+            records[i] = replace(rec, **spec_stats.as_record())
     return BatchResult(records)
 
 
@@ -249,10 +338,13 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     build_ms = (time.perf_counter() - t_build) * 1e3
     max_seq = min(model.max_prompt_tokens, max(1024, _round_up(model.n_vision_tokens + PROMPT_TEXT_BUDGET + max(lengths.values()) + 8, 64)))
     engine = make_engine(cfg.engine, model.lm, cfg.engine_options(max_batch=cfg.batch_size, max_seq=max_seq))
+    spec = build_speculation(cfg, model, engine, max_new_tokens=max(lengths.values()),
+                             prompt_bound=model.n_vision_tokens + PROMPT_TEXT_BUDGET)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "requested": _jsonable(asdict(cfg)),
-        "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe()},
+        "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe(),
+                    "speculative": None if spec is None else speculation_facts(spec)},
         "model": model.name, "architecture": model.describe(), "env": environment(device),
         "n_samples": len(expanded), "max_seq": max_seq,
     }
@@ -267,7 +359,8 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
 
     def batch_of(batch: list[Sample]) -> BatchResult:
         return run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights,
-                         max_new_tokens=cfg.max_new_tokens, seeds=[seeds[s.sample_id] for s in batch], engine_name=cfg.engine)
+                         max_new_tokens=cfg.max_new_tokens, seeds=[seeds[s.sample_id] for s in batch], engine_name=cfg.engine,
+                         spec=spec)
 
     # Timed cold start: engine warm-up (compile, CUDA-graph capture for every batch size the run
     # will use and every KV-length bucket from the shortest possible prefill), then warm-up
@@ -282,7 +375,10 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     s0 = warm_src[0]
     try:
         prep = model.preprocess(model.load(s0), s0.query)
-        engine.warmup(int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0]), None, sorted(sizes))
+        s_len = int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0])
+        engine.warmup(s_len, None, sorted(sizes))
+        if spec is not None:
+            warm_speculation(spec, s0, prep, s_len, max(lengths.values()), cfg.num_speculative_tokens)
     except Exception:  # noqa: BLE001 - a bad first sample is recorded by the measured loop
         pass
     for _ in range(cfg.warmup):
@@ -323,6 +419,34 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
 
     write_report(run_dir)
     return summary
+
+
+def warm_speculation(spec: Speculation, sample: Sample, prep: Any, prompt_len: int, max_new_tokens: int, k: int) -> None:
+    """Capture the verify graphs of the target and the draft engine's graphs for this run's
+    lengths (the time goes to the engines' ``warmup_ms``)."""
+    from stagewise.engine.speculative import DraftModelDrafter
+
+    spec.decoder.warmup(prompt_len, max_new_tokens)
+    if not isinstance(spec.drafter, DraftModelDrafter):
+        return
+    if spec.draft_model is not None:
+        dm, ds = spec.draft_model, sample.draft or sample
+        d_prep = dm.preprocess(dm.load(ds), ds.query)
+        d_len = int(dm.build_inputs_embeds(d_prep, dm.encode_vision(d_prep)).shape[0])
+    else:
+        d_len = int(prompt_text_ids(prep.input_ids, prep.placeholder_index).shape[1])
+    spec.drafter.warmup(d_len, max_new_tokens, k)
+
+
+def speculation_facts(spec: Speculation) -> dict[str, Any]:
+    """What speculative decoding applied (method, k, drafter settings), for ``config.json``."""
+    facts: dict[str, Any] = {"method": spec.drafter.name, "num_speculative_tokens": spec.decoder.k}
+    describe = getattr(spec.drafter, "describe", None)
+    if describe is not None:
+        facts.update(describe())
+    if spec.draft_model is not None:
+        facts["draft_model"] = spec.draft_model.describe()["preset"] or spec.draft_model.describe()["source"]
+    return facts
 
 
 def engine_facts(engine: Engine) -> dict[str, Any]:

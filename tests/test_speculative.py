@@ -748,3 +748,34 @@ def test_cuda_graph_speculative_ids_equal_plain_fp32(extend_matvec):
     assert len(draft.engine._graphs) == n_graphs, "a draft step was captured outside warm-up"
     ngram = speculative_decode(target, target.prefill(row, [30]), NgramDrafter(3, 1), k, new, None, prompt_ids=ref.cuda())
     assert ngram.tokens.tolist() == ref.tolist() and ngram.stats.acceptance_rate > 0.5
+
+
+@pytest.mark.parametrize("preset", ["eventgpt-tiny", "llava-1.5-tiny", "video-llava-tiny"])
+def test_runs_with_speculate_give_the_plain_greedy_ids_and_record_acceptance(preset, tmp_path):
+    """``stagewise run --speculate ...`` through the runner for each family: the same greedy ids as the
+    plain fast engine, acceptance fields in the records, the draft model's stages timed on their own;
+    Video-LLaVA also with EventGPT on the event stream as its multimodal draft."""
+    from stagewise.cli import main
+    from stagewise.results.records import read_samples
+
+    common = ["run", "--preset", preset, "--engine", "fast", "--num-samples", "2", "--output-len", "fixed:10", "--no-ceilings", "--warmup", "0"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain = [r.output_ids for r in read_samples(tmp_path / "plain" / "samples.jsonl")]
+    variants = {"ngram": ["--speculate", "ngram", "--num-speculative-tokens", "3"],
+                "draft": ["--speculate", "draft_model", "--draft-model", "llama-draft-tiny", "--num-speculative-tokens", "2"]}
+    if preset == "video-llava-tiny":
+        variants["mm"] = ["--speculate", "multimodal_draft", "--draft-model", "eventgpt-tiny"]
+    for name, flags in variants.items():
+        assert main([*common, *flags, "--out", str(tmp_path / name)]) == 0, name
+        recs = read_samples(tmp_path / name / "samples.jsonl")
+        assert [r.output_ids for r in recs] == plain, name
+        for r in recs:
+            assert r.speculative_method in ("ngram", "draft_model") and r.n_verify_steps >= 1
+            assert 0 <= r.n_accepted_tokens <= r.n_drafted_tokens and r.mean_accepted_length >= 1
+            assert r.draft_ms >= 0 and r.verify_ms > 0 and r.draft_ms + r.verify_ms <= r.decode_ms * 1.05
+            if name == "ngram":
+                assert r.draft_stage_ms == {}
+            else:
+                assert "draft_prefill" in r.draft_stage_ms and r.stage_gap < 0.02
+        if name == "mm":
+            assert set(recs[0].draft_stage_ms) == {"draft_load", "draft_preprocess", "draft_vision", "draft_prefill"}

@@ -53,6 +53,8 @@ class Sample:
             ``--window-ms``); ``None`` reads the whole file.
         trust_pickle: unpickle ``events_path`` with plain ``np.load(allow_pickle=True)``
             (``--trust-pickle``) instead of stagewise's allow-list.
+        draft: the same sample as a multimodal draft model reads it (its own input format), or
+            ``None``: the draft reads this one (``--speculate multimodal_draft``).
         input_error: a one-line problem found while discovering the sample (e.g. a file
             whose windows could not be scanned); stage 1 raises it as ``InputError``.
 
@@ -71,6 +73,7 @@ class Sample:
     window_us: tuple[int, int] | None = None
     trust_pickle: bool = False
     input_error: str | None = None
+    draft: Sample | None = None
 
     def __post_init__(self) -> None:
         if self.window_us is not None:

@@ -259,7 +259,8 @@ def compare_runs(run_dirs: list[Path], *, n_boot: int = 2000, seed: int = 0) -> 
         req = requested(config)
         runs.append({"label": label, "run_dir": str(d), "model": config.get("model"), "preset": req.get("preset"),
                      "engine": req.get("engine"), "weights": req.get("weights"), "n_records": len(records),
-                     "n_ok": n_ok, "n_failed": len(records) - n_ok, "n_ids": len(ps)})
+                     "n_ok": n_ok, "n_failed": len(records) - n_ok, "n_ids": len(ps),
+                     "speculative": _spec_summary(records), "quantization": _first(r.quantization for r in records if r.ok)})
     common_set = set(per_sample[0]).intersection(*per_sample[1:])
     if not common_set:
         counts = ", ".join(f"{r['label']}: {r['n_ids']}" for r in runs)
@@ -338,6 +339,25 @@ def _signed_ms(x: Any) -> str:
     return "–" if not _ok_number(x) else ("+" if x > 0 else "") + fmt_num(x)
 
 
+def _first(values: Any) -> Any:
+    return next(iter(values), None)
+
+
+def _spec_summary(records: list[SampleRecord]) -> dict[str, Any] | None:
+    """A run's speculative decoding in brief (method, k, mean acceptance), or ``None`` for plain decoding."""
+    spec = [r for r in records if r.ok and r.speculative_method]
+    if not spec:
+        return None
+
+    def mean(key: str) -> float | None:
+        xs = [getattr(r, key) for r in spec if getattr(r, key) is not None]
+        return float(np.mean(xs)) if xs else None
+
+    return {"method": spec[0].speculative_method, "num_speculative_tokens": spec[0].num_speculative_tokens,
+            "acceptance_rate": mean("acceptance_rate"), "mean_accepted_length": mean("mean_accepted_length"),
+            "draft_ms": mean("draft_ms"), "verify_ms": mean("verify_ms")}
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     """``compare_runs``'s result as Markdown (times in ms, memory in MiB)."""
     runs = result["runs"]
@@ -354,6 +374,15 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                     r["n_records"], r["n_ok"], r["n_ids"], r["n_common"]] for r in runs], align="lllllrrrr")
     if any(r.get("weights") == "random" for r in runs):
         L += ["", "> random weights in at least one run: output text is meaningless; timings are what it is for."]
+    if any(r.get("speculative") or (r.get("quantization") not in (None, "none")) for r in runs):
+        L += ["", "Decoding per run (a speculative or quantized run is paired with the plain one on the same sample ids):", ""]
+        rows = []
+        for r in runs:
+            sp = r.get("speculative")
+            rows.append([r["label"], str(r.get("quantization") or "none"), "plain" if not sp else f"{sp['method']}, k = {sp['num_speculative_tokens']}",
+                         fmt_num(sp["acceptance_rate"]) if sp else "–", fmt_num(sp["mean_accepted_length"]) if sp else "–",
+                         fmt_num(sp["draft_ms"]) if sp else "–", fmt_num(sp["verify_ms"]) if sp else "–"])
+        L += md_table(["run", "quantization", "decoding", "acceptance rate", "mean accepted length", "draft (ms)", "verify (ms)"], rows)
 
     L += ["", "## Per stage and end to end (common samples)", ""]
     header = ["metric"] + [f"{lab} mean / p50 (ms)" for lab in labels] + [f"{lab} / {base}" for lab in labels[1:]]

@@ -16,6 +16,14 @@ a device synchronization at every stage boundary, so the intervals tile the samp
 - ``itl_ms``         the device time of each decode step (inter-token latencies), in order
 - ``decode_throughput_tok_s``  (n_output_tokens - 1) / decode_ms
 
+Speculative decoding (``--speculate``) adds ``n_drafted_tokens``, ``n_accepted_tokens``,
+``acceptance_rate`` (accepted / drafted), ``mean_accepted_length`` (tokens per verify step, the bonus
+token included), ``draft_ms`` and ``verify_ms`` (sub-stages of decode: decode_ms = draft_ms +
+verify_ms + the loop's bookkeeping), ``n_verify_steps`` and ``n_host_syncs``; ``itl_ms`` then holds
+one entry per verify step (the time between two bursts of tokens). A draft model's own stages
+(``draft_load``, ``draft_preprocess``, ``draft_vision``, ``draft_prefill``) are timed between prefill
+and decode and kept in ``draft_stage_ms``; the stage sum with them tiles the sample.
+
 Vocabulary: vLLM's, with units in the names (``docs/metrics.md``). Records written by older
 versions (``e2e_ms``, ``itl_p50_ms``...) are read with their fields mapped (:data:`LEGACY_FIELDS`).
 
@@ -75,6 +83,17 @@ class SampleRecord:
     seed: int | None = None
     quantization: str | None = None
     weight_bytes_per_step: int | None = None
+    speculative_method: str | None = None
+    num_speculative_tokens: int | None = None
+    n_verify_steps: int | None = None
+    n_drafted_tokens: int | None = None
+    n_accepted_tokens: int | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+    draft_ms: float | None = None
+    verify_ms: float | None = None
+    n_host_syncs: int | None = None
+    draft_stage_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None

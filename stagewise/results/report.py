@@ -276,6 +276,36 @@ def _e2e_section(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _spec_section(summary: dict[str, Any], records: list[SampleRecord], config: dict[str, Any]) -> list[str]:
+    """Speculative decoding: acceptance and the decode split into draft and verify (when used)."""
+    spec = [r for r in records if r.ok and r.speculative_method]
+    if not spec:
+        return []
+    r0 = spec[0]
+    rows = []
+    for label, key in [("acceptance rate", "acceptance_rate"), ("mean accepted length (tokens / verify step)", "mean_accepted_length"),
+                       ("draft (ms, in decode)", "draft_ms"), ("verify (ms, in decode)", "verify_ms"), ("decode (ms)", "decode_ms")]:
+        m = _metric(summary, key)
+        rows.append([label, fmt_num(m.get("mean")), fmt_num(m.get("p50")), fmt_num(m.get("min")), fmt_num(m.get("max"))])
+    steps = sum(r.n_verify_steps or 0 for r in spec)
+    syncs = sum(r.n_host_syncs or 0 for r in spec)
+    out = ["## Speculative decoding", "",
+           f"method `{r0.speculative_method}`, {r0.num_speculative_tokens} speculative tokens per verify step; "
+           f"{steps} verify steps over {len(spec)} samples, {syncs} host reads in all (one per step, plus the first token)."]
+    draft = {}
+    for r in spec:
+        for k, v in (r.draft_stage_ms or {}).items():
+            draft.setdefault(k, []).append(v)
+    if draft:
+        out += ["", "Draft model stages (timed between prefill and decode): "
+                + ", ".join(f"{k} {fmt_num(sum(v) / len(v))} ms" for k, v in draft.items()) + "."]
+    out += [""] + md_table(["figure", "mean", "p50", "min", "max"], rows)
+    if requested(config).get("weights") == "random":
+        out += ["", "> **Random weights: the acceptance figures say nothing about a real model; the engine "
+                    "cost (verify and draft time) is what this run measures.**"]
+    return out
+
+
 def _tokens_section(summary: dict[str, Any]) -> list[str]:
     rows = []
     for label, key in [("vision tokens", "n_vision_tokens"), ("text tokens", "n_text_tokens"),
@@ -447,8 +477,8 @@ def render_markdown(config: dict[str, Any], summary: dict[str, Any], records: li
     lines = _title(config)
     lines += ["", f"Samples: {n} ({n - n_failed} ok, {n_failed} failed); statistics over the successful ones."]
     lines += _warmup_lines(summary)
-    sections = [_stage_section(summary, config), _e2e_section(summary), _tokens_section(summary),
-                _shape_section(records), _floor_section(summary), _failed_section(records)]
+    sections = [_stage_section(summary, config), _e2e_section(summary), _spec_section(summary, records, config),
+                _tokens_section(summary), _shape_section(records), _floor_section(summary), _failed_section(records)]
     if plot_name:
         sections.append(["## Stage shares", "", f"![mean time per stage]({plot_name})"])
     for sec in sections:

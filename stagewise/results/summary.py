@@ -27,6 +27,10 @@ METRICS: tuple[str, ...] = tuple(f"{s}_ms" for s in STAGES) + (
     "n_output_tokens",
     "kv_cache_bytes",
     "peak_gpu_mem_bytes",
+    "acceptance_rate",
+    "mean_accepted_length",
+    "draft_ms",
+    "verify_ms",
 )
 """Record fields aggregated in ``summary.json`` (``itl_ms`` pools every decode step of every sample)."""
 
