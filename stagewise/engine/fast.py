@@ -39,8 +39,16 @@ The design, after gpt-fast (pytorch-labs/gpt-fast), in plain PyTorch:
   otherwise. Each prompt shape that :meth:`FastEngine.warmup` sees is captured whole in one CUDA
   graph (no per-layer host work left); other shapes run the compiled functions one by one.
 
+* Tensor parallelism (``FastOptions.tensor_parallel``, :mod:`stagewise.engine.parallel`): each
+  rank holds its shard of every layer (heads and MLP width split, Megatron-style) and a KV cache
+  of its KV heads; the row-parallel projections end in an all-reduce (``self.reduce``, a custom
+  op that the decode-step graph captures with the rest). Every rank computes the full logits and
+  the same tokens, so the ranks run prefill, decode and extend in lockstep with no host
+  coordination beyond the prompt broadcast in :meth:`FastEngine.prefill`.
+
 On CPU everything runs eagerly (no compile, no graphs, fp32 in the tests) through the same
-functions, so CI checks it against :class:`stagewise.engine.hf.HFEngine`.
+functions, so CI checks it against :class:`stagewise.engine.hf.HFEngine` (and tensor
+parallelism over gloo against one process).
 
 Measured on an H100 (LLaMA-7B shapes, bf16, 641-token prompt): 5.24 ms per token at batch 1
 (86 % of the copy bandwidth), prefill 13.9 ms, 2,016 tok/s decoding at batch 16, 27 s of
@@ -76,6 +84,7 @@ from stagewise.engine.layers import (
     prefill_out,
     step_in,
 )
+from stagewise.engine.parallel import TensorParallel, TPCollectives, make_collectives, shard_layer
 from stagewise.engine.sampling import GREEDY, SamplingParams, draw_tokens, gumbel_noise, select_tokens
 from stagewise.measure.timing import StepTimer
 from stagewise.models.weights import fuse_linears
@@ -104,6 +113,9 @@ class FastOptions:
             CUDA; adds ~15 s of compile, saved ~1.1 ms/token at batch 1 on an H100).
         time_steps: record per-step CUDA events (ITL).
         sampling: greedy (default) or sampling on the device.
+        tensor_parallel: split the decoder over the ranks of a process group
+            (:class:`~stagewise.engine.parallel.TensorParallel`); ``None``: one device. Every
+            rank builds the engine and makes the same calls in the same order.
 
     Raises:
         ValueError: a field out of range (named).
@@ -120,6 +132,7 @@ class FastOptions:
     autotune: bool | None = None
     time_steps: bool = True
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
+    tensor_parallel: TensorParallel | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -209,7 +222,8 @@ class FastEngine:
         n_host_syncs: host reads of device state made by :meth:`decode` (EOS looks, the final copy).
 
     Raises:
-        ValueError: an unsupported model (activation, RoPE type, head counts).
+        ValueError: an unsupported model (activation, RoPE type, head counts), or head counts /
+            MLP width not divisible by the tensor-parallel size.
     """
 
     name = "fast"
@@ -236,6 +250,7 @@ class FastEngine:
         self.n_host_syncs = 0
         self._warming = False
         self.reduce: Reduce = no_reduce  # an all-reduce under tensor parallelism
+        self.tp: TPCollectives | None = None
 
         attn0 = lm.model.layers[0].self_attn
         self.dims = Dims(
@@ -250,6 +265,9 @@ class FastEngine:
         )
         if self.dims.n_heads % self.dims.n_kv_heads:
             raise ValueError("fast engine: num_attention_heads must be a multiple of num_key_value_heads")
+        full_dims, tp = self.dims, options.tensor_parallel
+        if tp is not None:
+            self.dims = tp.rank_dims(full_dims)  # per rank: heads, KV heads, MLP width (ValueError if indivisible)
 
         rotary = lm.model.rotary_emb
         rope_type = getattr(rotary, "rope_type", "default")
@@ -262,6 +280,10 @@ class FastEngine:
         self._rope_scale = float(rotary.attention_scaling)
 
         self.layers = [_layer_weights(layer) for layer in lm.model.layers]
+        if tp is not None:  # this rank's shards (copies); embedding, norms and LM head stay replicated
+            self.layers = [shard_layer(w, full_dims, tp) for w in self.layers]
+            self.tp = make_collectives(tp, self.device, self.dtype)
+            self.reduce = self.tp.reduce
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
         self.lm_head = lm.lm_head.weight.detach()  # the embedding itself when tied
@@ -375,12 +397,16 @@ class FastEngine:
 
         A (batch, length, padded) shape that :meth:`warmup` captured replays one CUDA graph; any
         other runs the compiled layer functions one by one (same result, more host work). Nothing
-        is read back from the device.
+        is read back from the device. Under tensor parallelism every rank calls it with a prompt of
+        the same shape, lengths and seeds, and the group's rank 0 prompt is used (broadcast), so
+        the vision stage may run on rank 0 only.
 
         Raises:
             ValueError: wrong shape, dtype or device; a batch or prompt larger than the cache.
         """
         B, S = self._check_prompt(inputs_embeds, lengths)
+        if self.tp is not None:  # tensor parallel: group rank 0's prompt is every rank's
+            inputs_embeds = self.tp.broadcast_(inputs_embeds.clone(memory_format=torch.contiguous_format))
         padded = min(lengths) < S
         mask = padding_mask(lengths, S, self.device).bool()  # [B, S]
         graph = self._prefill_graphs.get((B, S, padded))
@@ -454,7 +480,7 @@ class FastEngine:
                     self._prefill_layers(embeds, mask, padded)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool()):
+            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode=self._capture_mode):
                 logits = self._prefill_layers(embeds, mask, padded)
             self._prefill_graphs[key] = PrefillGraph(graph, embeds, mask, logits)
             self._prefill_id += 1  # whatever prefill was live, its cache is gone
@@ -624,6 +650,12 @@ class FastEngine:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
 
+    @property
+    def _capture_mode(self) -> str:
+        """CUDA-graph capture mode: under tensor parallelism "thread_local", so that the process
+        group's watchdog thread, which queries CUDA events, does not invalidate the capture."""
+        return "global" if self.tp is None else "thread_local"
+
     def _mark_dynamic(self, t: torch.Tensor, *dims: int) -> torch.Tensor:
         """Tell the compiler that ``t``'s ``dims`` vary between calls (no-op when not compiling)."""
         if self.compiled:
@@ -659,7 +691,7 @@ class FastEngine:
             for t, s in zip(self.buf, saved):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool()):
+            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode=self._capture_mode):
                 run()
             self._graphs[key] = graph  # (capturing records the kernels without running them)
 
