@@ -60,7 +60,7 @@ import torch.distributed as dist  # noqa: E402
 from stagewise.distributed import DistContext, barrier, gather_devices, init  # noqa: E402
 from stagewise.engine.fast import FastEngine, FastOptions  # noqa: E402
 from stagewise.engine.layers import no_reduce  # noqa: E402
-from stagewise.engine.parallel import TensorParallel, make_collectives  # noqa: E402
+from stagewise.engine.parallel import TensorParallel, make_collectives, time_all_reduce_us  # noqa: E402
 
 LLAMA_7B = {
     "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -77,22 +77,6 @@ TINY = {
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed_us(fn: Callable[[], None], device: torch.device, calls: int) -> float:
-    """Mean time of one of ``calls`` back-to-back ``fn()`` in us (CUDA events; host clock on CPU)."""
-    if device.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3 / calls
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) * 1e6 / calls
 
 
 def build_lm(shapes: dict, device: torch.device, dtype: torch.dtype, ctx: DistContext):
@@ -135,26 +119,9 @@ def bench_all_reduce(impl: str, ctx: DistContext, *, numel: int, dtype: torch.dt
         dist.all_gather(gathered, y)
         out["ranks_agree"] = all(torch.equal(gathered[0], t) for t in gathered)
 
-        z = torch.zeros(1, numel, dtype=dtype, device=device)  # stays zero: no overflow over many calls
-        def once() -> None:
-            coll.reduce(z)
-        for _ in range(10):
-            once()
-        out["eager_us"] = statistics.median(timed_us(once, device, calls) for _ in range(repeats))
+        out["eager_us"] = time_all_reduce_us(coll, numel, device=device, dtype=dtype, calls=calls, repeats=repeats, in_graph=False)
         if device.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    once()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                for _ in range(calls):
-                    once()
-            graph.replay()
-            out["graph_us"] = statistics.median(timed_us(graph.replay, device, 1) / calls for _ in range(repeats))
-            del graph
+            out["graph_us"] = time_all_reduce_us(coll, numel, device=device, dtype=dtype, calls=calls, repeats=repeats, in_graph=True)
     finally:
         coll.close()
     return out
@@ -184,8 +151,9 @@ def measure_engine(eng: FastEngine, embeds: torch.Tensor, new_tokens: int, repea
 def run_engine(lm, opts: FastOptions, embeds: torch.Tensor, args, *, compute_only: bool = False) -> dict:
     eng = FastEngine(lm, opts)
     try:
-        if compute_only:
-            eng.reduce = no_reduce  # a timing device: the partial sums are not added up
+        if compute_only:  # a timing device: the partial sums are not added up, so the ranks'
+            eng.reduce = no_reduce  # tokens differ; the engine's agreement check is switched off
+            eng.tp.check_same = lambda t, what: None
         t0 = time.perf_counter()
         eng.warmup(embeds.shape[1], args.new_tokens)
         res = measure_engine(eng, embeds, args.new_tokens, args.repeats)

@@ -89,6 +89,17 @@ def run_cases(lm, options, *, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def functional_reduce():
+    """The one-shot op's Reduce with no symmetric buffer: on CPU it takes its fallback (copy, then
+    all_reduce), which exercises the functional custom op under torch.compile without a GPU."""
+    import functools
+
+    from stagewise.engine.parallel import _IMPLS, _Impl, _reduce_one_shot
+
+    _IMPLS["test_functional"] = _Impl(name="symm_mem", group=None)
+    return functools.partial(_reduce_one_shot, key="test_functional")
+
+
 def scenario_tp(ctx: DistContext, args) -> dict:
     from stagewise.engine.base import stack_left_padded
     from stagewise.engine.fast import FastEngine, FastOptions
@@ -115,7 +126,19 @@ def scenario_tp(ctx: DistContext, args) -> dict:
     with torch.no_grad():
         eager = decode_out(x, attn, eng.layers[0], dims=eng.dims, matvec=False, reduce=eng.reduce)
         traced = torch.compile(decode_out, backend="aot_eager", fullgraph=True)(x, attn, eng.layers[0], dims=eng.dims, matvec=False, reduce=eng.reduce)
+        functional = torch.compile(decode_out, backend="aot_eager", fullgraph=True)(x, attn, eng.layers[0], dims=eng.dims, matvec=False,
+                                                                                      reduce=functional_reduce())
     res["aot_eager_max_diff"] = float((eager - traced).abs().max())
+    res["aot_eager_functional_max_diff"] = float((eager - functional).abs().max())
+    # the lockstep guards: a flag true on one rank only is not true everywhere; differing tokens raise
+    res["all_true_mixed"] = eng.tp.all_true(torch.tensor(ctx.rank == 0))
+    res["all_true_all"] = eng.tp.all_true(torch.tensor(True))
+    try:
+        eng.tp.check_same(torch.tensor([[5, 6, 7 + ctx.rank]]), "decoded tokens")
+        res["check_same_error"] = None
+    except RuntimeError as e:
+        res["check_same_error"] = str(e)
+    eng.tp.check_same(torch.tensor([[5, 6, 7]]), "decoded tokens")  # equal: no error
     return res
 
 
@@ -128,8 +151,10 @@ def scenario_tp_compiled(ctx: DistContext, args) -> dict:
     lm = tiny_lm(**VARIANTS["gqa"])
     rows = prompts([7, 12])
     res = {}
-    for name, extra in (("eager", {}), ("compiled", {"compile": True, "matvec": True})):
+    for name, extra in (("eager", {}), ("compiled", {"compile": True, "matvec": True}), ("functional", {"compile": True, "matvec": True})):
         eng = FastEngine(lm, FastOptions(max_batch=2, max_seq=40, kv_bucket=8, tensor_parallel=tp, **extra))
+        if name == "functional":  # the one-shot op's Reduce (its CPU fallback) inside inductor's code
+            eng.reduce = functional_reduce()
         for case, sel in (("b2", rows), ("b1", rows[:1])):
             embeds, lens = stack_left_padded(sel)
             pre = eng.prefill(embeds, lens)

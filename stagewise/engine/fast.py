@@ -300,8 +300,11 @@ class FastEngine:
             self._decode_in = torch.compile(decode_in, **static)
             self._decode_out = torch.compile(decode_out, **static)
             self._step_in = torch.compile(step_in, **static)
-            self._step_out = torch.compile(step_out, **static)
-            self._head = torch.compile(head, **static)
+            # tensor parallel: every rank must pick the same token from the same residual stream,
+            # so the LM head's kernels must not be autotuned (timing-based, so per-rank) choices
+            head_static = static if tp is None else {**static, "options": {"coordinate_descent_tuning": False}}
+            self._step_out = torch.compile(step_out, **head_static)
+            self._head = torch.compile(head, **head_static)
         else:
             self._prefill_in, self._prefill_out, self._prefill_head = prefill_in, prefill_out, prefill_head
             self._decode_in, self._decode_out = decode_in, decode_out
@@ -513,9 +516,11 @@ class FastEngine:
             ran += 1
             if eos_token_id is not None and ran % self.check_every == 0:
                 self.n_host_syncs += 1
-                if bool(b.done[:B].all()):
+                if self._all_done(B):
                     break
         self._cur = S + ran
+        if self.tp is not None:  # ranks that disagree would fail silently: check (two tiny collectives)
+            self.tp.check_same(b.out[:B, : ran + 1], "decoded tokens")
         tokens = b.out[:B, : ran + 1].cpu()  # [B, T]; the one sync at the end
         self.n_host_syncs += 1
         n_tokens = count_until_eos(tokens, eos_token_id)
@@ -630,6 +635,12 @@ class FastEngine:
             attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
             x = self._decode_out(x, attn, w, dims=d, matvec=False, reduce=self.reduce)
         buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=False))
+
+    def _all_done(self, B: int) -> bool:
+        """Every row has produced EOS (one host read); under tensor parallelism on every rank, so
+        that the ranks leave the decode loop at the same step whatever they computed."""
+        done = self.buf.done[:B].all()
+        return bool(done) if self.tp is None else self.tp.all_true(done)
 
     @functools.cached_property
     def _arange(self) -> torch.Tensor:

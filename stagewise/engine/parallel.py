@@ -9,17 +9,23 @@ needs no communication: a rank holds ``H / T`` query heads and the ``Hkv / T`` K
 read (query head ``h`` reads KV head ``h // G``, and ``H / T = G * Hkv / T``), so its KV cache is
 ``Hkv / T`` heads wide. Norms, the embedding and the LM head are replicated.
 
-Why every rank computes the full logits (replicated LM head, no gather): the residual stream is
-bitwise identical on every rank. It starts from the same embedding row, and each all-reduce
-returns the same bits on every rank (the summation orders below); everything between two
-all-reduces (RMSNorm, residual adds) runs the same kernels on the same inputs. So every rank
-computes the same final hidden state and, with the same LM head, the same logits; greedy
-``argmax`` then picks the same token, and sampling picks the same token too because the noise is
-a pure function of (row seed, step, vocabulary index) (:mod:`stagewise.engine.sampling`). Each
-rank therefore feeds the same next token without a broadcast, and the EOS checks agree, so the
-ranks stay in lockstep with no host coordination. (This holds for ranks running the same kernels
-on the same GPU model, as on one host; :mod:`benchmarks.scale_out` checks that the ranks' tokens
-agree.)
+Why every rank computes the full logits (replicated LM head, no gather), and why the ranks then
+pick the same token: the residual stream is bitwise identical on every rank. It starts from the
+same embedding rows (rank 0's prompt, broadcast by the engine's prefill); each update is
+``x + all_reduce(partial)``, where the all-reduce returns the same bits on every rank (the
+summation orders below) and the add is elementwise, so it is exact whatever kernel does it. The
+per-rank work in between (RMSNorm, projections of this rank's heads) only feeds the partial sums,
+so it may differ between ranks (autotuned kernels) without breaking this. The final RMSNorm and
+the LM head then run the same kernels on the same input on every rank (the engine compiles them
+WITHOUT autotuning under tensor parallelism: a timing-based choice could differ per rank and
+change the summation order), so every rank computes the same logits bit for bit; greedy
+``argmax`` picks the same token, and sampling picks the same token too because its noise is a
+pure function of (row seed, step, vocabulary index) (:mod:`stagewise.engine.sampling`). Each rank
+feeds that token to its next step without a broadcast, so the ranks stay in lockstep with no
+communication beyond the all-reduces. Belt and braces, because a disagreement would otherwise hang
+the group or pass unnoticed: the engine's EOS looks are made collectively
+(:meth:`TPCollectives.all_true`), and each decode ends by checking that the ranks hold the same
+tokens (:meth:`TPCollectives.check_same`, two tiny all-reduces).
 
 The all-reduce implementations (``TensorParallel.all_reduce``), each behind the engine's
 :data:`~stagewise.engine.layers.Reduce` signature, each capturable in a CUDA graph, and each
@@ -280,6 +286,32 @@ class TPCollectives:
         dist.broadcast(t, src=src, group=self.tp.group)
         return t
 
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """``flag`` (a 0-d bool tensor on this rank's device) is true on every rank (one host read)."""
+        import torch.distributed as dist
+
+        t = flag.reshape(1).to(torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return bool(t.item())
+
+    def check_same(self, t: torch.Tensor, what: str) -> None:
+        """Raise unless the integer tensor ``t`` holds the same values on every rank.
+
+        Raises:
+            RuntimeError: the ranks disagree (they computed different tokens: their kernels
+                differ, which this module's lockstep argument excludes; the first differing
+                position is named).
+        """
+        import torch.distributed as dist
+
+        lo, hi = t.clone(), t.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.tp.group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.tp.group)
+        if not torch.equal(lo, hi):
+            where = (lo != hi).nonzero()[0].tolist()
+            raise RuntimeError(f"tensor parallel: ranks disagree on the {what} at index {where} "
+                               f"(rank {self.tp.rank} holds {t[tuple(where)].item()})")
+
     def describe(self) -> dict[str, Any]:
         """What a run records: ``{"tensor_parallel_size", "all_reduce", ...}`` as applied."""
         out: dict[str, Any] = {"tensor_parallel_size": self.tp.size, "all_reduce": self.name}
@@ -369,3 +401,62 @@ def _symm_mem_buffer(tp: TensorParallel, device: torch.device, dtype: torch.dtyp
         raise RuntimeError("symmetric memory created a multicast object although TORCH_SYMM_MEM_DISABLE_MULTICAST=1")
     handle.barrier()
     return buf, group_name, hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+
+
+def time_all_reduce_us(coll: TPCollectives, numel: int, *, device: torch.device, dtype: torch.dtype, calls: int = 100,
+                       repeats: int = 5, in_graph: bool = True) -> float:
+    """Time one all-reduce of ``numel`` elements the way a decode step runs it, in us per call.
+
+    ``calls`` all-reduces of a zero tensor (zero stays zero: no overflow) back to back, timed
+    with CUDA events; ``in_graph`` (CUDA only) captures them in one CUDA graph and times its
+    replay, as the decode-step graph replays them. The median of ``repeats`` timings over
+    ``calls``. On CPU, the host clock around eager calls. Collective: every rank calls it.
+
+    What it is for: a decode step's collective time cannot be read from inside its graph, so the
+    report estimates it as ``n_all_reduces`` (:func:`stagewise.measure.costmodel.llama_tp_all_reduces`)
+    x this figure; ``benchmarks/scale_out.py`` checks the estimate against the step time without
+    collectives.
+
+    Raises:
+        ValueError: ``numel``, ``calls`` or ``repeats`` < 1.
+    """
+    import statistics
+    import time
+
+    if min(numel, calls, repeats) < 1:
+        raise ValueError(f"numel, calls and repeats must be >= 1, got {numel}, {calls}, {repeats}")
+    device = torch.device(device)
+    z = torch.zeros(1, numel, dtype=dtype, device=device)
+
+    def once() -> None:
+        coll.reduce(z)
+
+    for _ in range(3):  # warm-up (NCCL connects on first use)
+        once()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                once()
+            times.append((time.perf_counter() - t0) * 1e6 / calls)
+        return statistics.median(times)
+    run = once
+    if in_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                once()
+        run, calls_per_run = graph.replay, calls
+    else:
+        calls_per_run = 1
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls // calls_per_run):
+            run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
