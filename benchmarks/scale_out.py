@@ -101,9 +101,9 @@ def build_lm(shapes: dict, device: torch.device, dtype: torch.dtype, ctx: DistCo
 # All-reduce microbenchmark
 
 
-def bench_all_reduce(impl: str, ctx: DistContext, *, numel: int, dtype: torch.dtype, calls: int, repeats: int) -> dict:
+def bench_all_reduce(tp: TensorParallel, ctx: DistContext, *, numel: int, dtype: torch.dtype, calls: int, repeats: int) -> dict:
     device = torch.device(ctx.device)
-    coll = make_collectives(TensorParallel.from_group(all_reduce=impl), device, dtype)
+    coll = make_collectives(tp, device, dtype)
     out: dict[str, Any] = {"applied": coll.describe(), "bytes": numel * torch.empty((), dtype=dtype).element_size()}
     try:
         x = torch.full((1, numel), float(ctx.rank + 1), dtype=dtype, device=device)
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calls", type=int, default=100, help="all-reduces per timed run")
     ap.add_argument("--autotune", type=int, choices=[0, 1], default=None, help="coordinate-descent tuning (default: engine's)")
+    ap.add_argument("--one-shot-max-bytes", type=int, default=None, help="symm_mem buffer size (default: the engine's)")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)
@@ -266,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, shapes["vocab_size"], (1, S), generator=g).to(device)
     with torch.no_grad():
         embeds = lm.model.embed_tokens(ids).detach().clone()
+    def tp_of(impl: str) -> TensorParallel:
+        extra = {} if args.one_shot_max_bytes is None else {"one_shot_max_bytes": args.one_shot_max_bytes}
+        return TensorParallel.from_group(all_reduce=impl, **extra)
+
     base = {"max_batch": 1, "max_seq": -(-(S + args.new_tokens) // 64) * 64, "kv_bucket": 64}
     if args.autotune is not None:
         base["autotune"] = bool(args.autotune)
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["all_reduce"] = {}
     if T > 1:
         for impl in impls:
-            res["all_reduce"][impl] = guarded(lambda: bench_all_reduce(impl, ctx, numel=numel, dtype=dtype, calls=args.calls,
+            res["all_reduce"][impl] = guarded(lambda: bench_all_reduce(tp_of(impl), ctx, numel=numel, dtype=dtype, calls=args.calls,
                                                                        repeats=args.repeats), f"all-reduce {impl}")
     # 2. TP=1 on rank 0
     if not args.no_tp1:
@@ -289,12 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
         n_layers = shapes["num_hidden_layers"]
         nocoll = None
         if not args.no_compute_only:
-            nocoll = guarded(lambda: run_engine(lm, FastOptions(**base, tensor_parallel=TensorParallel.from_group(all_reduce=impls[0])),
+            nocoll = guarded(lambda: run_engine(lm, FastOptions(**base, tensor_parallel=tp_of(impls[0])),
                                                 embeds, args, compute_only=True), "compute-only TP")
             nocoll.pop("tokens", None)
             res["compute_only"] = nocoll
         for impl in impls:
-            r = guarded(lambda: run_engine(lm, FastOptions(**base, tensor_parallel=TensorParallel.from_group(all_reduce=impl)),
+            r = guarded(lambda: run_engine(lm, FastOptions(**base, tensor_parallel=tp_of(impl)),
                                            embeds, args), f"TP={T} {impl}")
             if "error" not in r:
                 r["ranks_agree"] = ranks_agree(r["tokens"], ctx)

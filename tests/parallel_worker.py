@@ -139,7 +139,32 @@ def scenario_tp(ctx: DistContext, args) -> dict:
     except RuntimeError as e:
         res["check_same_error"] = str(e)
     eng.tp.check_same(torch.tensor([[5, 6, 7]]), "decoded tokens")  # equal: no error
+    res["one_shot_setup"] = one_shot_setup_outcomes(ctx, tp)
     return res
+
+
+def one_shot_setup_outcomes(ctx: DistContext, tp) -> dict:
+    """The one-shot path's setup decision is collective: a setup failing on one rank only, and a
+    self-test failing (a CPU buffer: the one-shot kernel has no CPU implementation), make every
+    rank give up (the symmetric-memory allocation itself is replaced: there is no GPU here)."""
+    import stagewise.engine.parallel as P
+
+    orig = P._symm_mem_buffer
+    out = {}
+    try:
+        for case in ("rank1_setup_fails", "self_test_fails"):
+            def fake(tp_, device, dtype, case=case):
+                if case == "rank1_setup_fails" and tp_.rank == 1:
+                    raise RuntimeError("no peer access")
+                return torch.zeros(16), "fake-group", True
+            P._symm_mem_buffer = fake
+            impl = P._Impl(name="symm_mem", group=None)
+            P._IMPLS["probe"] = impl
+            out[case] = P._setup_one_shot(impl, "probe", tp, torch.device("cpu"), torch.float32)
+    finally:
+        P._symm_mem_buffer = orig
+        P._IMPLS.pop("probe", None)
+    return out
 
 
 def scenario_tp_compiled(ctx: DistContext, args) -> dict:

@@ -334,6 +334,12 @@ def test_lockstep_guards(tp_results):
     for rank, res in enumerate(tp_results):
         assert res["all_true_mixed"] is False and res["all_true_all"] is True
         assert res["check_same_error"] == f"tensor parallel: ranks disagree on the decoded tokens at index [0, 2] (rank {rank} holds {7 + rank})"
+    # the one-shot all-reduce is given up on every rank alike (else the ranks would mix algorithms and hang)
+    r0, r1 = (res["one_shot_setup"] for res in tp_results)
+    assert r0["rank1_setup_fails"] == "setup failed on another rank"
+    assert r1["rank1_setup_fails"] == "setup failed: no peer access"
+    for r in (r0, r1):
+        assert r["self_test_fails"].startswith("self-test failed: "), r["self_test_fails"]
 
 
 @pytest.mark.slow

@@ -72,9 +72,11 @@ ALL_REDUCES = ("auto", "nccl", "gloo", "symm_mem")
 """Names accepted by :attr:`TensorParallel.all_reduce`."""
 
 DEFAULT_ONE_SHOT_MAX_BYTES = 1 << 20
-"""Largest tensor (bytes) the one-shot all-reduce handles; above it NCCL's bandwidth-optimal ring
-wins (a decode step's all-reduce is ``batch x hidden x 2`` bytes: 8 KiB at batch 1 for LLaMA-7B;
-a 641-token prefill's is 5.3 MB)."""
+"""Largest tensor (bytes) the one-shot all-reduce handles (its buffer size); larger ones go to
+NCCL. A choice, not a measurement: it sends every decode step's all-reduce (``batch x hidden x 2``
+bytes: 8 KiB at batch 1 for LLaMA-7B, 128 KiB at batch 16) to the latency-bound one-shot kernel
+and a prefill's (5,251,072 B for 641 tokens) to NCCL's bandwidth-tuned algorithms
+(``benchmarks/scale_out.py --one-shot-max-bytes`` measures another split)."""
 
 
 @dataclass(frozen=True)
@@ -358,16 +360,49 @@ def make_collectives(tp: TensorParallel, device: torch.device, dtype: torch.dtyp
     impl = _Impl(name=name, group=tp.group)
     fallback = None
     if name == "symm_mem":
-        try:
-            impl.buffer, impl.group_name, impl.copy_fused = _symm_mem_buffer(tp, device, dtype)
-        except Exception as e:  # noqa: BLE001 - any setup failure: report it, or fall back under "auto"
+        _IMPLS[key] = impl
+        fallback = _setup_one_shot(impl, key, tp, device, dtype)
+        if fallback is not None:
             if tp.all_reduce == "symm_mem":
-                raise RuntimeError(f"tensor_parallel: symmetric-memory all-reduce unavailable: {e}") from e
-            name, impl.name, fallback = "nccl", "nccl", f"symm_mem setup failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                _IMPLS.pop(key, None)
+                raise RuntimeError(f"tensor_parallel: symmetric-memory all-reduce unavailable: {fallback}")
+            name, impl.name, impl.buffer = "nccl", "nccl", None
     _IMPLS[key] = impl
     fn = _reduce_one_shot if name == "symm_mem" else _reduce_in_place
     return TPCollectives(tp=tp, name=name, reduce=functools.partial(fn, key=key), key=key,
                          one_shot_max_bytes=tp.one_shot_max_bytes if name == "symm_mem" else None, fallback_reason=fallback)
+
+
+def _setup_one_shot(impl: _Impl, key: str, tp: TensorParallel, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Register the symmetric buffer, then all-reduce a known tensor through the one-shot op
+    (``rank + 1`` everywhere: the sum ``T (T + 1) / 2`` is exact). Each step's success is agreed on
+    by all ranks (a MIN all-reduce over NCCL), so every rank makes the same choice. Returns
+    ``None`` when the one-shot path works, else why not."""
+    import torch.distributed as dist
+
+    def agreed(ok: bool) -> bool:
+        t = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+        return bool(t.item())
+
+    why = None
+    try:
+        impl.buffer, impl.group_name, impl.copy_fused = _symm_mem_buffer(tp, device, dtype)
+    except Exception as e:  # noqa: BLE001 - any setup failure is reported (or falls back under "auto")
+        why = f"setup failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if not agreed(why is None):
+        return why or "setup failed on another rank"
+    try:
+        n = max(1, min(1024, impl.buffer.numel()))  # within the buffer: the one-shot path itself
+        probe = torch.full((1, n), float(tp.rank + 1), dtype=dtype, device=device)
+        got = _reduce_one_shot(probe, key=key)
+        if not bool((got == tp.size * (tp.size + 1) / 2).all()):
+            why = "self-test gave a wrong sum"
+    except Exception as e:  # noqa: BLE001
+        why = f"self-test failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if not agreed(why is None):
+        return why or "self-test failed on another rank"
+    return None
 
 
 def _symm_mem_buffer(tp: TensorParallel, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, str, bool]:
