@@ -140,6 +140,14 @@ def scenario_tp(ctx: DistContext, args) -> dict:
         res["check_same_error"] = str(e)
     eng.tp.check_same(torch.tensor([[5, 6, 7]]), "decoded tokens")  # equal: no error
     res["one_shot_setup"] = one_shot_setup_outcomes(ctx, tp)
+    import torch.distributed as dist
+
+    from stagewise.distributed import layout, tensor_parallel_group
+
+    res["tp_group_sizes"] = {}
+    for t in (1, 2):  # T = 1: one group of one rank per rank; T = 2: the whole world (None)
+        g = tensor_parallel_group(ctx, layout(ctx, t))
+        res["tp_group_sizes"][t] = None if g is None else dist.get_world_size(g)
     return res
 
 

@@ -343,6 +343,12 @@ def test_lockstep_guards(tp_results):
 
 
 @pytest.mark.slow
+def test_tensor_parallel_groups(tp_results):
+    for res in tp_results:
+        assert res["tp_group_sizes"] == {1: 1, 2: None}
+
+
+@pytest.mark.slow
 def test_tensor_parallel_compiled_by_inductor(tmp_path):
     """Inductor (matvec decode at batch 1, GEMM at batch 2) with the all-reduce ops inside the
     compiled layer functions: same ids as the eager TP engine, logits within fp32 noise."""

@@ -145,7 +145,8 @@ class TensorParallel:
 
 
 def shard_layer(w: LayerWeights, full: Dims, tp: TensorParallel) -> LayerWeights:
-    """Rank ``tp.rank``'s part of one decoder layer (copies; the input is left untouched).
+    """Rank ``tp.rank``'s part of one decoder layer (copies, the input left untouched; ``w`` itself
+    when ``tp.size == 1``).
 
     * fused q/k/v ``[(H + 2 Hkv) hd, D]``: rows of this rank's ``H / T`` query heads, then of its
       ``Hkv / T`` key heads, then of its value heads -> ``[(H + 2 Hkv) hd / T, D]`` (bias alike);
