@@ -1,9 +1,9 @@
 """Tensor-parallel decode and prefill of the fast engine, and the all-reduce it depends on.
 
 EventGPT-7B's language model shapes (LLaMA-7B / Vicuna-7B: 32 layers, hidden 4096, 32 heads,
-MLP 11008, vocabulary 32003), RANDOM weights (bf16, built on the GPU with one seed and broadcast
-from rank 0 so every rank holds the same model), batch 1, a 641-token prompt of random token
-embeddings, greedy decode. Under ``torchrun --nproc-per-node T`` it measures, in one job:
+MLP 11008, vocabulary 32003 as in benchmarks/decode_engines.py), RANDOM weights (bf16, built on
+the GPU with one seed and broadcast from rank 0 so every rank holds the same model), batch 1, a
+641-token prompt of random token embeddings, greedy decode. Under ``torchrun --nproc-per-node T`` it measures, in one job:
 
 * ``all_reduce``: an 8 KiB all-reduce (one decode step's partial o-proj / down-proj output,
   ``hidden x 2`` bytes) with each implementation: eager (``n`` calls back to back, CUDA events)
@@ -32,6 +32,11 @@ Usage (GPU, from the repository root; the package is imported normally, so make 
 Smoke test (CPU, gloo, tiny shapes)::
 
     PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --smoke --out /tmp/tp.json
+
+Correctness on the device first (fp32 tiny models, compiled and graph-captured: TP=T ids must equal
+TP=1 ids with every all-reduce; not timed on a GPU yet, estimated 1-2 min)::
+
+    PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --check --out $OUT/check.json
 
 NVLink multicast stays off: this script sets ``NCCL_NVLS_ENABLE=0``,
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and ``NVSHMEM_DISABLE_NVLS=1`` before torch is imported, and
@@ -199,6 +204,70 @@ def guarded(fn: Callable[[], dict], what: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# Correctness on the device (--check): fp32, tiny models, compiled and graph-captured
+
+
+CHECK_MODELS = {
+    "mha": {**TINY, "num_key_value_heads": 4, "intermediate_size": 112},
+    "gqa": {**TINY, "num_key_value_heads": 2, "intermediate_size": 112},
+}
+
+
+def check_cases(eng: FastEngine, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """Greedy ids and prefill logits of batch 1 and of a left-padded batch of 3 (as in the CPU
+    tests), after a warm-up that captures the padded batch's prefill graphs and the decode graphs."""
+    from stagewise.engine.base import stack_left_padded
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rows = [torch.randn(n, TINY["hidden_size"], generator=g) for n in (9, 7, 12, 3)]
+    eng.warmup(12, 16, batch_sizes=[3])
+    out = {}
+    for name, sel in (("b1", rows[:1]), ("padded", rows[1:])):
+        embeds, lengths = stack_left_padded(sel)
+        embeds = embeds.to(device)
+        if rank > 0 and eng.tp is not None:
+            embeds = torch.zeros_like(embeds)  # the engine must use rank 0's prompt
+        pre = eng.prefill(embeds, lengths)
+        out[f"{name}.logits"] = pre.logits.float().cpu()
+        out[f"{name}.tokens"] = eng.decode(pre, 16, None).tokens
+    return out
+
+
+def run_check(ctx: DistContext, impls: list[str], tp_of: Callable[[str], TensorParallel]) -> dict:
+    """TP=T ids must EQUAL TP=1 ids in fp32 (as tests/test_parallel.py argues for CPU), here with
+    torch.compile, CUDA graphs and each all-reduce; logits within 1e-3 (TF32 off)."""
+    device = torch.device(ctx.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    out: dict[str, Any] = {}
+    for variant, shapes in CHECK_MODELS.items():
+        lm = build_lm(shapes, device, torch.float32, ctx)
+        opts = {"max_batch": 3, "max_seq": 64, "kv_bucket": 16}
+        ref = None
+        if ctx.rank == 0:
+            ref = check_cases(FastEngine(lm, FastOptions(**opts)), device, 0)
+        barrier(ctx)
+        for impl in impls:
+            def one(lm=lm, impl=impl) -> dict:
+                eng = FastEngine(lm, FastOptions(**opts, tensor_parallel=tp_of(impl)))
+                try:
+                    got = check_cases(eng, device, ctx.rank)
+                    res: dict[str, Any] = {"applied": eng.tp.describe()}
+                finally:
+                    eng.tp.close()
+                if ref is not None:
+                    res["ids_equal_tp1"] = all(torch.equal(got[k], ref[k]) for k in ref if k.endswith("tokens"))
+                    res["max_abs_logit_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ref if k.endswith("logits"))
+                    res["ok"] = res["ids_equal_tp1"] and res["max_abs_logit_diff"] <= 1e-3
+                return res
+            out[f"{variant}.{impl}"] = guarded(one, f"check {variant} {impl}")
+        del lm
+        gc.collect()
+    return out
+
+
 def table(res: dict) -> str:
     tp1 = res.get("tp1", {})
     T = res["world_size"]
@@ -239,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calls", type=int, default=100, help="all-reduces per timed run")
     ap.add_argument("--autotune", type=int, choices=[0, 1], default=None, help="coordinate-descent tuning (default: engine's)")
     ap.add_argument("--one-shot-max-bytes", type=int, default=None, help="symm_mem buffer size (default: the engine's)")
+    ap.add_argument("--check", action="store_true",
+                    help="only the correctness check: fp32 tiny models, TP=T ids == TP=1 ids with each all-reduce (~1-2 min)")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)
@@ -260,6 +331,28 @@ def main(argv: list[str] | None = None) -> dict:
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
         "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
     }
+    def tp_of(impl: str) -> TensorParallel:
+        extra = {} if args.one_shot_max_bytes is None else {"one_shot_max_bytes": args.one_shot_max_bytes}
+        return TensorParallel.from_group(all_reduce=impl, **extra)
+
+    if args.check:
+        if T < 2:
+            raise SystemExit("scale_out --check: run it under torchrun with 2 or more processes")
+        res.update(model="tiny (mha, gqa), fp32, compiled and graph-captured on CUDA", dtype="float32", prompt_len=None, new_tokens=16)
+        res["check"] = run_check(ctx, impls, tp_of)
+        res["check_ok"] = all(r.get("ok") for r in res["check"].values()) if ctx.rank == 0 else None
+        if ctx.rank == 0:
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(res, indent=2) + "\n")
+            print(json.dumps(res))
+            for name, r in res["check"].items():
+                print(f"| {name} | {r.get('applied', {}).get('all_reduce', '-')} | ids equal TP=1: {r.get('ids_equal_tp1')} | "
+                      f"max |logit diff| {r.get('max_abs_logit_diff')} | {'ok' if r.get('ok') else 'FAILED ' + r.get('error', '')} |")
+        barrier(ctx)
+        dist.destroy_process_group()
+        return res
+
     t_start = time.perf_counter()
     lm = build_lm(shapes, device, dtype, ctx)
     res["model_init_s"] = time.perf_counter() - t_start
@@ -267,10 +360,6 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, shapes["vocab_size"], (1, S), generator=g).to(device)
     with torch.no_grad():
         embeds = lm.model.embed_tokens(ids).detach().clone()
-    def tp_of(impl: str) -> TensorParallel:
-        extra = {} if args.one_shot_max_bytes is None else {"one_shot_max_bytes": args.one_shot_max_bytes}
-        return TensorParallel.from_group(all_reduce=impl, **extra)
-
     base = {"max_batch": 1, "max_seq": -(-(S + args.new_tokens) // 64) * 64, "kv_bucket": 64}
     if args.autotune is not None:
         base["autotune"] = bool(args.autotune)

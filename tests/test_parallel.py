@@ -385,7 +385,7 @@ def test_killed_rank_is_reported_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_scale_out_benchmark_smoke(tmp_path):
     """benchmarks/scale_out.py --smoke under torchrun (gloo, tiny shapes): it runs and its JSON
-    holds every section (the figures are CPU timings and mean nothing)."""
+    holds every section (the figures are CPU timings and mean nothing); its --check passes."""
     out = tmp_path / "tp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            str(ROOT / "benchmarks" / "scale_out.py"), "--smoke", "--out", str(out)]
@@ -397,6 +397,11 @@ def test_scale_out_benchmark_smoke(tmp_path):
     assert res["tp"]["gloo"]["ranks_agree"] is True
     assert res["all_reduce"]["gloo"]["eager_us"] > 0 and res["all_reduce"]["gloo"]["correct"] is True
     assert "collective_share" in res["tp"]["gloo"]
+    # --check: TP=2 ids == TP=1 ids through the benchmark's own device check
+    proc = subprocess.run(cmd + ["--check"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["check_ok"] is True and set(res["check"]) == {"mha.gloo", "gqa.gloo"}, res["check"]
 
 
 def test_cost_model_counts_what_one_rank_holds():

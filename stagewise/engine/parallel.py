@@ -425,10 +425,13 @@ def _symm_mem_buffer(tp: TensorParallel, device: torch.device, dtype: torch.dtyp
             symm_mem.set_backend("CUDA")
     except (AttributeError, RuntimeError):
         pass
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a deprecated no-op after
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, deprecated (unneeded) in newer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            symm_mem.enable_symm_mem_for_group(group_name)
+            try:
+                symm_mem.enable_symm_mem_for_group(group_name)
+            except RuntimeError:  # the group is registered already: what this call would do
+                pass
     numel = max(tp.one_shot_max_bytes // torch.empty((), dtype=dtype).element_size(), 1)
     buf = symm_mem.empty(numel, dtype=dtype, device=device)
     buf.zero_()
