@@ -10,19 +10,18 @@ Usage (GPU): ``python benchmarks/vision_profile.py --events eventgpt_sample1.npy
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stagewise.measure.costmodel import measure_ceilings  # noqa: E402
-from stagewise.models.base import Sample  # noqa: E402
-from stagewise.models.eventgpt import build_random  # noqa: E402
-from stagewise.preprocess.prompt import DEFAULT_QUERY  # noqa: E402
+from stagewise.measure.costmodel import measure_ceilings
+from stagewise.models.base import Sample
+from stagewise.models.family import StageOptions
+from stagewise.models.registry import build_random
+from stagewise.models.vision import VisionOptions
+from stagewise.preprocess.prompt import DEFAULT_QUERY
 
 
 def kernel_class(name: str) -> str:
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     model = build_random("eventgpt-7b", device="cuda", dtype=torch.bfloat16)
-    model.gpu_preprocess = model.fuse_vision = True
+    model.configure(StageOptions(gpu_preprocess=True, vision=VisionOptions(fuse=True)))
     sample = Sample(args.events.stem, DEFAULT_QUERY, events_path=args.events)
     prep = model.preprocess(model.load(sample), DEFAULT_QUERY)
     for _ in range(3):

@@ -6,16 +6,12 @@ Usage (GPU): ``python benchmarks/vision_variants.py``
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stagewise.models.clip_fast import FastClipTower  # noqa: E402
-from stagewise.models.eventgpt import build_random  # noqa: E402
+from stagewise.models.registry import build_random
+from stagewise.models.vision import FastClipTower
 
 VARIANTS = [
     ("hf eager (reference)", None),
@@ -53,9 +49,9 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             if kw is None:
-                fn = lambda px: model.visual_tower(pixel_values=px).last_hidden_state  # noqa: E731
+                fn = lambda px: model.vision.tower(pixel_values=px).last_hidden_state  # noqa: E731
             else:
-                fn = FastClipTower(model.visual_tower, **kw)
+                fn = FastClipTower(model.vision.tower, **kw)
             ms, out = graph_time_ms(fn, x)
         except Exception as e:  # noqa: BLE001 - a variant may not run here; report and go on
             print(f"{name:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")

@@ -49,12 +49,15 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from stagewise.errors import InputError
 from stagewise.results.records import SampleRecord, read_samples, write_json
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
 
@@ -258,7 +261,7 @@ def layout(ctx: DistContext, tensor_parallel_size: int = 1) -> Layout:
     return Layout(dp_rank=ctx.rank // t, dp_size=ctx.world_size // t, tp_rank=ctx.rank % t, tensor_parallel_size=t)
 
 
-def tensor_parallel_group(ctx: DistContext, lay: Layout) -> Any:
+def tensor_parallel_group(ctx: DistContext, lay: Layout) -> ProcessGroup | None:
     """The process group of this rank's model copy (collective: every rank calls it). ``None``
     (the default group) when the copy spans the whole world."""
     import torch.distributed as dist

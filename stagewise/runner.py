@@ -1,103 +1,53 @@
 """The benchmark scenario: drive any model through the five stages, sample by sample.
 
-Flow: discover samples -> build model + engine -> timed cold start (engine warm-up,
-compile, graph capture: ``warmup_ms``) -> warm-up samples (run, not recorded) -> the
-measured loop, one batch at a time, each record appended to ``samples.jsonl`` as soon as
-its batch finishes -> ``summary.json`` (+ floors) -> ``report.md``.
+Flow: samples -> build model + engine -> timed cold start (engine warm-up, compile, graph capture:
+``engine_warmup_ms``) -> warm-up samples (run, not recorded) -> the measured loop, one batch at a
+time, each record appended to ``samples.jsonl`` as soon as its batch finishes -> ``summary.json``
+(+ floors) -> ``report.md``.
 
-The loop never knows which model it drives (``stagewise.models.base.MultimodalModel``).
-A sample that fails (bad file, corrupt video) gets a record with ``error`` set and the
-run goes on. ``--resume`` skips the samples already in ``samples.jsonl``.
+The loop never knows which model it drives (:class:`stagewise.models.base.MultimodalModel`) nor
+which engine (:class:`stagewise.engine.base.Engine`). Any exception while reading, rendering or
+running a sample becomes that sample's recorded failure (type and one-line message) and the run
+goes on; ``--resume`` skips the samples already in ``samples.jsonl`` and refuses a run directory
+whose configuration differs.
 """
 
 from __future__ import annotations
 
+import json
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from stagewise import STAGES
-from stagewise.measure.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
+from stagewise.config import OutputLenPolicy, RunConfig, _jsonable, parse_output_len
 from stagewise.engine import make_engine
-from stagewise.engine.fast import FastOptions
-from stagewise.engine.base import stack_left_padded
+from stagewise.engine.base import Engine, stack_left_padded
+from stagewise.engine.sampling import row_seed
+from stagewise.engine.speculative import Drafter, SpeculativeDecoder, prompt_text_ids
 from stagewise.errors import InputError
-from stagewise.models.base import Sample
-from stagewise.config import OutputLenPolicy, parse_output_len
-from stagewise.results.records import SampleRecord, SampleWriter, read_samples, write_json
-from stagewise.results.summary import summarize
+from stagewise.measure.costmodel import kv_cache_bytes, measure_ceilings, stage_floors
 from stagewise.measure.timing import StageClock, device_sync
+from stagewise.models.base import MultimodalModel, Sample
+from stagewise.models.family import StageOptions
+from stagewise.models.vision import VisionOptions
+from stagewise.results.records import (
+    SampleRecord,
+    SampleWriter,
+    read_samples,
+    write_json,
+)
+from stagewise.results.summary import summarize
 
 STAGE_SUM_TOLERANCE = 0.02
 """Stage times must add up to the independently measured end-to-end time within 2 %."""
 
-
-@dataclass
-class RunConfig:
-    """Everything a run needs; validated in ``__post_init__`` (ValueError naming the field).
-
-    Attributes:
-        preset: model preset (``eventgpt-tiny``, ``eventgpt-7b``, ``video-llava-7b``, ...).
-        weights: ``"random"`` or a checkpoint folder.
-        engine: ``"hf"`` or ``"fast"``.
-        device / dtype: torch names (``"cuda"``, ``"bfloat16"``).
-        batch_size: samples per prefill/decode batch.
-        output_len: ``fixed:N`` / ``mean:X`` / ``trace:FILE`` (random weights only).
-        max_new_tokens: the cap with real weights (stop at EOS before it).
-        warmup: warm-up passes over the first sample(s), not recorded.
-        repeats: each sample is measured this many times (ids ``<id>@<r>``).
-        window: window streams of >= 100 ms to their first 100 ms instead of refusing them.
-        gpu_preprocess: stage 2 with torch on the device.
-        fuse_vision: EventGPT's pool-before-linear vision path.
-        vision_graph: EventGPT's stage 3 replayed from a CUDA graph (CUDA only).
-        vision_compile: EventGPT's tower through one compiled layer function.
-        measure_ceilings: measure copy bandwidth and bf16 matmul rate (CUDA) for the floors.
-    """
-
-    preset: str | None = "eventgpt-tiny"
-    weights: str = "random"
-    engine: str = "hf"
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 1
-    output_len: str = "fixed:46"
-    max_new_tokens: int = 512
-    warmup: int = 1
-    repeats: int = 1
-    window: bool = False
-    gpu_preprocess: bool = False
-    fuse_vision: bool = False
-    vision_graph: bool = False
-    vision_compile: bool = False
-    measure_ceilings: bool = True
-    tokenizer: str | None = None
-    vision_tower: str | None = None
-    seed: int = 0
-    input_format: str | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.engine not in ("hf", "fast"):
-            raise ValueError(f"engine: expected hf or fast, got {self.engine!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.warmup < 0 or self.repeats < 1:
-            raise ValueError("warmup must be >= 0 and repeats >= 1")
-        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
-            raise ValueError(f"dtype: unknown torch dtype {self.dtype!r}")
-        if self.weights == "random":
-            parse_output_len(self.output_len)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """``dtype`` as a ``torch.dtype``."""
-        return getattr(torch, self.dtype)
+PROMPT_TEXT_BUDGET = 256
+"""Text tokens the static KV cache reserves beside the vision tokens (the prompts here are ~20-60)."""
 
 
 @dataclass
@@ -107,20 +57,106 @@ class BatchResult:
     records: list[SampleRecord]
 
 
-def configure_model(model: Any, cfg: RunConfig) -> None:
-    """Apply run options the model family understands (EventGPT: window, GPU stage 2, fused vision)."""
-    for name in ("window", "gpu_preprocess", "fuse_vision", "vision_graph", "vision_compile"):
-        if hasattr(model, name):
-            setattr(model, name, getattr(cfg, name))
+@dataclass
+class Speculation:
+    """Speculative decoding of a run: the decoder over the target engine, its drafter, and the
+    multimodal draft model whose stages 1-4 run per sample (``multimodal_draft``), if any."""
+
+    decoder: SpeculativeDecoder
+    drafter: Drafter
+    draft_model: MultimodalModel | None = None
+    text_draft: bool = False  # a text-only draft LM: prefilled with the prompt's text ids
 
 
-def run_batch(model: Any, engine: Any, samples: list[Sample], lengths: list[int], *, random_weights: bool, max_new_tokens: int, engine_name: str) -> BatchResult:
+def build_speculation(cfg: RunConfig, model: MultimodalModel, engine: Engine, *, max_new_tokens: int,
+                      prompt_bound: int) -> Speculation | None:
+    """The run's :class:`Speculation` for ``cfg.speculate`` (``None`` for ``none``).
+
+    Raises:
+        ValueError / InputError: an unknown or unusable draft model, a draft whose tokenizer
+            differs from the target's.
+    """
+    from stagewise.engine.fast import FastEngine
+    from stagewise.engine.speculative import DraftModelDrafter, NgramDrafter
+    from stagewise.models.draft import check_vocab, load_draft
+    from stagewise.models.registry import load_model
+
+    if cfg.speculate == "none":
+        return None
+    if not isinstance(engine, FastEngine):
+        raise ValueError("speculate: needs --engine fast")
+    k = cfg.num_speculative_tokens
+    target_vocab = int(model.lm.lm_head.weight.shape[0])
+    draft_seq = _round_up(prompt_bound + max_new_tokens + k + 8, 64)
+    if cfg.speculate == "ngram":
+        drafter = NgramDrafter(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        return Speculation(SpeculativeDecoder(engine, drafter, k), drafter)
+    if cfg.speculate == "draft_model":
+        from stagewise.models.draft import PRESETS as DRAFT_PRESETS
+
+        own_vocab = DRAFT_PRESETS.get(cfg.draft_model, {}).get("vocab_size", 1)
+        d = load_draft(cfg.draft_model, device=model.device, dtype=model.dtype, seed=cfg.seed,
+                       vocab_size=None if own_vocab else target_vocab)  # a tiny draft takes the target's
+        shared = check_vocab(d.tokenizer, model.tokenizer, draft_vocab=d.vocab_size, target_vocab=target_vocab,
+                             where=d.source)
+        drafter = DraftModelDrafter.from_lm(d.lm, max_seq=draft_seq, shared_vocab=shared)
+        return Speculation(SpeculativeDecoder(engine, drafter, k), drafter, text_draft=True)
+    weights = "random" if cfg.draft_model in _preset_names() else cfg.draft_model
+    preset = cfg.draft_model if weights == "random" else None
+    dm = load_model(preset, weights, device=model.device, dtype=model.dtype, seed=cfg.seed)
+    dm.configure(dm.applicable(model.options))
+    shared = check_vocab(dm.tokenizer, model.tokenizer, draft_vocab=int(dm.lm.lm_head.weight.shape[0]),
+                         target_vocab=target_vocab, where=cfg.draft_model)
+    drafter = DraftModelDrafter.from_lm(dm.lm, max_seq=_round_up(dm.n_vision_tokens + PROMPT_TEXT_BUDGET + max_new_tokens + k + 8, 64),
+                                        shared_vocab=shared)
+    return Speculation(SpeculativeDecoder(engine, drafter, k), drafter, draft_model=dm)
+
+
+def _preset_names() -> list[str]:
+    from stagewise.models.registry import all_presets
+
+    return all_presets()
+
+
+def failure(e: BaseException) -> str:
+    """A sample's recorded failure: the user-facing line for bad input, else ``Type: message``
+    (one line either way)."""
+    if isinstance(e, InputError):
+        return str(e)
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:500] if text else type(e).__name__
+
+
+def resolve_stage_options(model: MultimodalModel, cfg: RunConfig) -> StageOptions:
+    """The stage options to apply: the explicit flags (refused with the reason when the family or
+    device cannot serve them), plus, with ``fast_stages``, every speed path it can serve.
+
+    Raises:
+        ValueError: an explicit flag this model cannot serve.
+    """
+    asked = cfg.stage_options()
+    if cfg.fast_stages:
+        every = replace(asked, gpu_preprocess=True, vision=VisionOptions(compile=True, graph=True, fuse=True))
+        serve = model.applicable(every)
+        v = serve.vision
+        asked = replace(asked, gpu_preprocess=True, vision=VisionOptions(
+            compile=True, graph=v.graph or asked.vision.graph, fuse=v.fuse or asked.vision.fuse))
+    return asked
+
+
+def run_batch(model: MultimodalModel, engine: Engine, samples: list[Sample], lengths: list[int], *,
+              random_weights: bool, max_new_tokens: int, seeds: list[int], engine_name: str,
+              spec: Speculation | None = None) -> BatchResult:
     """Run ``samples`` as one batch through the five stages and measure it.
 
-    Samples whose stage 1 or 2 fails get an error record; the others go on.
+    A sample whose stage 1 or 2 fails gets an error record; the others go on. A failure in stages
+    3-5 fails the whole batch (its records carry the error).
 
     Args:
         lengths: tokens to generate per sample (random weights; ignored otherwise).
+        seeds: per-sample sampling seeds.
+        spec: speculative decoding (batch 1): a draft model's stages run between prefill and decode
+            as their own timed stages; decode runs the verify loop.
 
     Returns:
         records in the order of ``samples``.
@@ -138,17 +174,21 @@ def run_batch(model: Any, engine: Any, samples: list[Sample], lengths: list[int]
         for i, s in enumerate(samples):
             try:
                 loaded[i] = model.load(s)
-            except (InputError, ValueError, OSError) as e:
-                failed[i] = str(e)
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                failed[i] = failure(e)
     with clock.stage("preprocess"):
         preps = {}
         for i, ld in loaded.items():
             try:
                 preps[i] = model.preprocess(ld, samples[i].query)
-            except (InputError, ValueError, OSError) as e:
-                failed[i] = str(e)
+            except Exception as e:  # noqa: BLE001
+                failed[i] = failure(e)
     ok = sorted(preps)
-    records = [SampleRecord(sample_id=s.sample_id, model=model.name, engine=engine_name, batch_size=len(ok), error=failed.get(i)) for i, s in enumerate(samples)]
+    decoding = engine.sampling.describe()
+    quant = quantization_label(engine)
+    records = [SampleRecord(sample_id=s.sample_id, model=model.name, engine=engine_name, batch_size=len(ok),
+                            error=failed.get(i), decoding=decoding["decoding"], quantization=quant,
+                            weight_bytes_per_step=engine.weight_bytes_per_step) for i, s in enumerate(samples)]
     if not ok:
         return BatchResult(records)
     n_new = max(lengths[i] for i in ok) if random_weights else max_new_tokens
@@ -158,39 +198,60 @@ def run_batch(model: Any, engine: Any, samples: list[Sample], lengths: list[int]
     with clock.stage("prefill"):
         rows = [model.build_inputs_embeds(preps[i], vision[i]) for i in ok]
         embeds, prompt_lens = stack_left_padded(rows)
-        pf = engine.prefill(embeds, prompt_lens)
-    with clock.stage("decode"):
-        out = engine.decode(pf, n_new, eos)
+        pf = engine.prefill(embeds, prompt_lens, [seeds[i] for i in ok])
+    spec_stats = None
+    if spec is None:
+        with clock.stage("decode"):
+            out = engine.decode(pf, n_new, eos)
+    else:
+        prep0 = preps[ok[0]]
+        text_ids = prompt_text_ids(prep0.input_ids, prep0.placeholder_index)
+        if spec.draft_model is not None:
+            dm, ds = spec.draft_model, samples[ok[0]].draft or samples[ok[0]]
+            with clock.stage("draft_load"):
+                d_loaded = dm.load(ds)
+            with clock.stage("draft_preprocess"):
+                d_prep = dm.preprocess(d_loaded, ds.query)
+            with clock.stage("draft_vision"):
+                d_vision = dm.encode_vision(d_prep)
+            with clock.stage("draft_prefill"):
+                spec.drafter.prefill(inputs_embeds=dm.build_inputs_embeds(d_prep, d_vision))
+        elif spec.text_draft:
+            with clock.stage("draft_prefill"):
+                spec.drafter.prefill(input_ids=text_ids)
+        with clock.stage("decode"):
+            out = spec.decoder.decode(pf, n_new, eos, prompt_ids=text_ids)
+        spec_stats = out.stats
     e2e_ms = (time.perf_counter() - t0) * 1e3
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     stage_ms = clock.stage_ms
     gap = abs(sum(stage_ms.values()) - e2e_ms) / e2e_ms
-    steps = sorted(out.step_ms)
+    ttft_ms = sum(stage_ms[s] for s in STAGES[:4])
     cfg = model.lm.config
     elem = torch.finfo(model.dtype).bits // 8
     for b, i in enumerate(ok):
         n_out = min(lengths[i], out.tokens.shape[1]) if random_weights else out.n_tokens[b]
         ids = out.tokens[b, :n_out].tolist()
-        n_text = int((preps[i].input_ids >= 0).sum())
-        n_vis = int(vision[i].shape[0])
         rec = records[i]
-        for s in STAGES:
-            setattr(rec, f"{s}_ms", stage_ms[s])
-        rec.e2e_ms = e2e_ms
+        rec.load_ms, rec.preprocess_ms, rec.vision_ms, rec.prefill_ms, rec.decode_ms = (stage_ms[s] for s in STAGES)
+        rec.draft_stage_ms = {s: ms for s, ms in stage_ms.items() if s.startswith("draft_")}
+        rec.e2el_ms = e2e_ms
         rec.stage_gap = gap
-        rec.ttft_ms = sum(stage_ms[s] for s in STAGES[:4])
-        rec.tpot_ms = stage_ms["decode"] / (out.tokens.shape[1] - 1) if out.tokens.shape[1] > 1 else None
-        rec.itl_p50_ms = steps[len(steps) // 2] if steps else None
-        rec.itl_p99_ms = steps[min(len(steps) - 1, int(0.99 * len(steps)))] if steps else None
-        rec.decode_tok_s = (n_out - 1) / (stage_ms["decode"] / 1e3) if n_out > 1 and stage_ms["decode"] > 0 else None
+        rec.ttft_ms = ttft_ms
+        rec.tpot_ms = (e2e_ms - ttft_ms) / (n_out - 1) if n_out > 1 else None
+        rec.itl_ms = list(out.step_ms[: n_out - 1])
+        rec.decode_throughput_tok_s = (n_out - 1) / (stage_ms["decode"] / 1e3) if n_out > 1 and stage_ms["decode"] > 0 else None
         rec.n_images = int(preps[i].pixel_values.shape[0])
-        rec.n_vision_tokens, rec.n_text_tokens = n_vis, n_text
+        rec.n_vision_tokens = int(vision[i].shape[0])
+        rec.n_text_tokens = int(preps[i].input_ids.shape[0]) - 1
         rec.n_prefill_tokens = int(rows[b].shape[0])
         rec.n_output_tokens = n_out
         rec.kv_cache_bytes = kv_cache_bytes(cfg, rec.n_prefill_tokens + n_out - 1, 1, elem)
         rec.peak_gpu_mem_bytes = peak
         rec.output_ids = ids
         rec.output_text = model.decode_text(ids)
+        rec.seed = seeds[i] if decoding["decoding"] == "sampling" else None
+        rec.notes = list(preps[i].notes)
         rec.shapes = {
             **preps[i].shapes,
             "vision.features": list(vision[i].shape),
@@ -198,6 +259,8 @@ def run_batch(model: Any, engine: Any, samples: list[Sample], lengths: list[int]
             "prefill.kv_cache": [cfg.num_hidden_layers, 2, len(ok), cfg.num_key_value_heads, int(embeds.shape[1]), cfg.hidden_size // cfg.num_attention_heads],
             "decode.output_ids": [n_out],
         }
+        if spec_stats is not None:
+            records[i] = replace(rec, **spec_stats.as_record())
     return BatchResult(records)
 
 
@@ -205,7 +268,34 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: bool = False, progress: Callable[[int, int], None] | None = None, model: Any = None) -> dict[str, Any]:
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Refuse a run directory that holds another run: without ``resume``, or with a different configuration.
+
+    Raises:
+        FileExistsError: records exist and ``resume`` is False.
+        InputError: ``resume`` and the recorded configuration differs (the fields named).
+    """
+    samples_file = run_dir / "samples.jsonl"
+    if samples_file.exists() and samples_file.stat().st_size > 0 and not resume:
+        raise FileExistsError(f"{run_dir}: holds a run already (samples.jsonl); pass --resume to continue it or choose another --out")
+    cfg_file = run_dir / "config.json"
+    if resume and cfg_file.is_file():
+        try:
+            recorded = json.loads(cfg_file.read_text()).get("requested", {})
+        except (OSError, ValueError) as e:
+            raise InputError(cfg_file, f"unreadable ({e}); cannot check that --resume continues the same run") from None
+        diff = cfg.resume_diff(recorded)
+        if diff:
+            shown = ", ".join(f"{k} ({recorded.get(k)!r} -> {getattr(cfg, k)!r})" for k in diff)
+            raise InputError(run_dir, f"--resume with a different configuration: {shown}; use another --out")
+
+
+def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: bool = False,
+            progress: Callable[[int, int], None] | None = None, model: MultimodalModel | None = None) -> dict[str, Any]:
     """Run the benchmark and write the run directory.
 
     Args:
@@ -227,28 +317,37 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
 
     run_dir = Path(run_dir)
     samples_file = run_dir / "samples.jsonl"
-    if samples_file.exists() and not resume and samples_file.stat().st_size > 0:
-        raise FileExistsError(f"{run_dir}: holds a run already (samples.jsonl); pass --resume to continue it or choose another --out")
+    check_run_dir(cfg, run_dir, resume)
     if not samples:
         raise InputError(None, "no samples to run")
     device = torch.device(cfg.device)
     random_weights = cfg.weights == "random"
     policy: OutputLenPolicy | None = parse_output_len(cfg.output_len) if random_weights else None
-    expanded = [Sample(**{**s.__dict__, "sample_id": f"{s.sample_id}@{r}" if cfg.repeats > 1 else s.sample_id}) for s in samples for r in range(cfg.repeats)]
+    expanded = [replace(s, sample_id=f"{s.sample_id}@{r}" if cfg.repeats > 1 else s.sample_id) for s in samples for r in range(cfg.repeats)]
     ids = [s.sample_id for s in expanded]
     if len(set(ids)) != len(ids):
         raise InputError(None, "sample ids are not unique: " + ", ".join(sorted({i for i in ids if ids.count(i) > 1})[:5]))
     lengths = {s.sample_id: (policy.length(s.sample_id, k) if policy else cfg.max_new_tokens) for k, s in enumerate(expanded)}
+    seeds = {s.sample_id: row_seed(cfg.seed, s.sample_id) for s in expanded}
 
     t_build = time.perf_counter()
     if model is None:
-        model = load_model(cfg.preset, cfg.weights, device=device, dtype=cfg.torch_dtype, tokenizer=cfg.tokenizer, vision_tower=cfg.vision_tower, seed=cfg.seed)
-    configure_model(model, cfg)
+        model = load_model(cfg.preset, cfg.weights, device=device, dtype=cfg.torch_dtype, tokenizer=cfg.tokenizer,
+                           vision_tower=cfg.vision_tower, seed=cfg.seed)
+    model.configure(resolve_stage_options(model, cfg))
     build_ms = (time.perf_counter() - t_build) * 1e3
-    max_seq = max(1024, _round_up(model_prompt_bound(model) + max(lengths.values()) + 8, 64))
-    engine = make_engine(cfg.engine, model.lm, FastOptions(max_batch=cfg.batch_size, max_seq=max_seq) if cfg.engine == "fast" else None)
+    max_seq = min(model.max_prompt_tokens, max(1024, _round_up(model.n_vision_tokens + PROMPT_TEXT_BUDGET + max(lengths.values()) + 8, 64)))
+    engine = make_engine(cfg.engine, model.lm, cfg.engine_options(max_batch=cfg.batch_size, max_seq=max_seq))
+    spec = build_speculation(cfg, model, engine, max_new_tokens=max(lengths.values()),
+                             prompt_bound=model.n_vision_tokens + PROMPT_TEXT_BUDGET)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(cfg), "model": model.name, "architecture": model.describe(), "env": environment(device), "n_samples": len(expanded), "max_seq": max_seq}
+    config = {
+        "requested": _jsonable(asdict(cfg)),
+        "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe(),
+                    "speculative": None if spec is None else speculation_facts(spec)},
+        "model": model.name, "architecture": model.describe(), "env": environment(device),
+        "n_samples": len(expanded), "max_seq": max_seq,
+    }
     write_json(run_dir / "config.json", config)
 
     done: set[str] = set()
@@ -258,29 +357,33 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         done = {r.sample_id for r in kept}
     todo = [s for s in expanded if s.sample_id not in done]
 
-    # Timed cold start: engine warm-up (compile, CUDA-graph capture for every batch size the
-    # run will use and every KV-length bucket from the shortest possible prefill), then
-    # warm-up batches of the real samples. None of it is recorded.
+    def batch_of(batch: list[Sample]) -> BatchResult:
+        return run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights,
+                         max_new_tokens=cfg.max_new_tokens, seeds=[seeds[s.sample_id] for s in batch], engine_name=cfg.engine,
+                         spec=spec)
+
+    # Timed cold start: engine warm-up (compile, CUDA-graph capture for every batch size the run
+    # will use and every KV-length bucket from the shortest possible prefill), then warm-up
+    # batches of the real samples. None of it is recorded.
     device_sync(device)
     t_warm = time.perf_counter()
     warm_src = todo or expanded
     sizes = {min(cfg.batch_size, len(warm_src))}
     if len(warm_src) % cfg.batch_size:
         sizes.add(len(warm_src) % cfg.batch_size)
-    if hasattr(engine, "warmup"):
-        # Decode graphs for every KV bucket from the shortest possible prefill (the vision
-        # tokens alone) up, then the prefill graph of the first sample's real length.
-        engine.warmup(max(1, int(getattr(model, "n_vision_tokens", 1) or 1)), None, batch_sizes=sorted(sizes))
-        s0 = warm_src[0]
-        try:
-            prep = model.preprocess(model.load(s0), s0.query)
-            engine.warmup(int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0]), None, batch_sizes=sorted(sizes))
-        except (InputError, ValueError, OSError):
-            pass  # a bad first sample is recorded by the measured loop
+    engine.warmup(max(1, model.n_vision_tokens), None, sorted(sizes))
+    s0 = warm_src[0]
+    try:
+        prep = model.preprocess(model.load(s0), s0.query)
+        s_len = int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0])
+        engine.warmup(s_len, None, sorted(sizes))
+        if spec is not None:
+            warm_speculation(spec, s0, prep, s_len, max(lengths.values()), cfg.num_speculative_tokens)
+    except Exception:  # noqa: BLE001 - a bad first sample is recorded by the measured loop
+        pass
     for _ in range(cfg.warmup):
         for size in sorted(sizes):
-            batch = warm_src[:size]
-            run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights, max_new_tokens=cfg.max_new_tokens, engine_name=cfg.engine)
+            batch_of(warm_src[:size])
     device_sync(device)
     warmup_ms = (time.perf_counter() - t_warm) * 1e3
 
@@ -288,11 +391,12 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         n_done = 0
         for batch in _batches(todo, cfg.batch_size):
             try:
-                res = run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights, max_new_tokens=cfg.max_new_tokens, engine_name=cfg.engine)
-            except (InputError, ValueError) as e:
-                res = BatchResult([SampleRecord(sample_id=s.sample_id, model=model.name, engine=cfg.engine, error=str(e)) for s in batch])
-            except torch.cuda.OutOfMemoryError as e:  # record and go on
-                res = BatchResult([SampleRecord(sample_id=s.sample_id, model=model.name, engine=cfg.engine, error=f"CUDA out of memory: {e}".splitlines()[0]) for s in batch])
+                res = batch_of(batch)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - stages 3-5 failed for the batch: recorded, go on
+                msg = failure(e)
+                res = BatchResult([SampleRecord(sample_id=s.sample_id, model=model.name, engine=cfg.engine, error=msg) for s in batch])
             for rec in res.records:
                 writer.write(rec)
             n_done += len(batch)
@@ -302,14 +406,14 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     records = read_samples(samples_file)
     summary = summarize(records)
     summary["warmup_ms"] = warmup_ms
-    summary["engine_warmup_ms"] = getattr(engine, "warmup_ms", 0.0)
+    summary["engine_warmup_ms"] = engine.warmup_ms
     summary["model_build_ms"] = build_ms
     ceilings = measure_ceilings(device) if cfg.measure_ceilings else {}
     summary["ceilings"] = ceilings
     ok = [r for r in records if r.ok]
     if ok and ceilings:
         means = {k: sum(getattr(r, k) or 0 for r in ok) / len(ok) for k in ("n_prefill_tokens", "n_output_tokens", "batch_size", "n_images")}
-        summary["floors"] = stage_floors(model, means, ceilings)
+        summary["floors"] = stage_floors(model, means, ceilings, weight_bytes=engine.weight_bytes_per_step)
     write_json(run_dir / "summary.json", summary)
     from stagewise.results.report import write_report
 
@@ -317,18 +421,51 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     return summary
 
 
-def model_prompt_bound(model: Any) -> int:
-    """An upper bound of the prefill length: vision tokens + a generous text budget."""
-    n_vis = getattr(model, "n_vision_tokens", 0) or 0
-    return int(n_vis) + 256
+def warm_speculation(spec: Speculation, sample: Sample, prep: Any, prompt_len: int, max_new_tokens: int, k: int) -> None:
+    """Capture the verify graphs of the target and the draft engine's graphs for this run's
+    lengths (the time goes to the engines' ``warmup_ms``)."""
+    from stagewise.engine.speculative import DraftModelDrafter
+
+    spec.decoder.warmup(prompt_len, max_new_tokens)
+    if not isinstance(spec.drafter, DraftModelDrafter):
+        return
+    if spec.draft_model is not None:
+        dm, ds = spec.draft_model, sample.draft or sample
+        d_prep = dm.preprocess(dm.load(ds), ds.query)
+        d_len = int(dm.build_inputs_embeds(d_prep, dm.encode_vision(d_prep)).shape[0])
+    else:
+        d_len = int(prompt_text_ids(prep.input_ids, prep.placeholder_index).shape[1])
+    spec.drafter.warmup(d_len, max_new_tokens, k)
 
 
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
+def speculation_facts(spec: Speculation) -> dict[str, Any]:
+    """What speculative decoding applied (method, k, drafter settings), for ``config.json``."""
+    facts: dict[str, Any] = {"method": spec.drafter.name, "num_speculative_tokens": spec.decoder.k}
+    describe = getattr(spec.drafter, "describe", None)
+    if describe is not None:
+        facts.update(describe())
+    if spec.draft_model is not None:
+        facts["draft_model"] = spec.draft_model.describe()["preset"] or spec.draft_model.describe()["source"]
+    return facts
 
 
-def format_exception(e: BaseException) -> str:
-    """One line for a user-facing failure (InputError / ValueError), else the traceback."""
-    if isinstance(e, (InputError, ValueError, FileExistsError)):
-        return str(e)
-    return "".join(traceback.format_exception(e))
+def engine_facts(engine: Engine) -> dict[str, Any]:
+    """What the engine applied on this device (compile, graphs, matvec, quantization...), for ``config.json``."""
+    from stagewise.engine.fast import FastEngine
+
+    facts: dict[str, Any] = {"name": engine.name, "weight_bytes_per_step": engine.weight_bytes_per_step}
+    if isinstance(engine, FastEngine):
+        facts.update(compiled=engine.compiled, cuda_graphs=engine.use_graphs, prefill_graphs=engine.prefill_graphs,
+                     matvec=engine.matvec, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
+                     max_batch=engine.max_batch, max_seq=engine.max_seq, quantization=engine.quant_info)
+    return facts
+
+
+def quantization_label(engine: Engine) -> str:
+    """``"none"``, or ``"int4-g128"`` / ``"int8"`` / ``"fp8"`` (what the engine applied)."""
+    from stagewise.engine.fast import FastEngine
+
+    if not isinstance(engine, FastEngine) or engine.quant_info is None:
+        return "none"
+    q = engine.quant_info
+    return f"{q['kind']}-g{q['group_size']}" if q.get("group_size") else str(q["kind"])

@@ -14,12 +14,11 @@ bf16 ulps is a rounding tie, a large one is a bug.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from stagewise.engine.base import stack_left_padded
-from stagewise.models.base import Sample
+from stagewise.engine.base import Engine, stack_left_padded
+from stagewise.models.base import MultimodalModel, Sample
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 
 
 @torch.inference_mode()
-def _margin_at(model: Any, embeds: torch.Tensor, fused: list[int], pos: int) -> float:
+def _margin_at(model: MultimodalModel, embeds: torch.Tensor, fused: list[int], pos: int) -> float:
     """Top-1 minus top-2 logit at generated position ``pos``, teacher-forcing the fused ids."""
     emb = model.lm.get_input_embeddings()
     prefix = torch.tensor(fused[:pos], dtype=torch.long, device=embeds.device)
@@ -62,7 +61,7 @@ def _margin_at(model: Any, embeds: torch.Tensor, fused: list[int], pos: int) -> 
     return float(top[0] - top[1])
 
 
-def verify_sample(model: Any, engine: Any, sample: Sample, max_new_tokens: int, eos_token_id: int | None) -> VerifyResult:
+def verify_sample(model: MultimodalModel, engine: Engine, sample: Sample, max_new_tokens: int, eos_token_id: int | None) -> VerifyResult:
     """Run both paths on ``sample`` and compare their greedy ids."""
     prep = model.preprocess(model.load(sample), sample.query)
     fused = model.generate_fused(prep, max_new_tokens, eos_token_id)
@@ -74,3 +73,39 @@ def verify_sample(model: Any, engine: Any, sample: Sample, max_new_tokens: int, 
     k = _first_diff(fused, dec)
     margin = _margin_at(model, row, fused, k) if k is not None and k < len(fused) else None
     return VerifyResult(sample.sample_id, fused, dec, k, margin)
+
+
+@dataclass
+class QuantAgreement:
+    """Quantized vs model-dtype fast engine on one sample, teacher-forced on the reference's ids.
+
+    Attributes:
+        ref_ids: the model-dtype engine's greedy ids (the forced continuation).
+        agreement: :func:`stagewise.measure.agreement.logit_agreement` of the two engines' logits
+            at every forced position (``top1_agreement``, ``max_abs_logit_diff``, ``mean_abs_logit_diff``,
+            ``mean_kl``, ...).
+    """
+
+    sample_id: str
+    ref_ids: list[int]
+    agreement: dict[str, float]
+
+
+def quant_agreement(model: MultimodalModel, ref: Engine, quant: Engine, sample: Sample, max_new_tokens: int) -> QuantAgreement:
+    """Numerical agreement of a quantized engine with the model-dtype one on ``sample``: both prefill
+    the same embeddings; the reference decodes greedily; both are teacher-forced on its ids
+    (``FastEngine.score``), and their logits compared position by position.
+
+    With random weights only this agreement means anything (not the text); on a real checkpoint it
+    is the quality cost of the quantization on the user's own data.
+    """
+    from stagewise.measure.agreement import logit_agreement
+
+    prep = model.preprocess(model.load(sample), sample.query)
+    row = model.build_inputs_embeds(prep, model.encode_vision(prep))
+    embeds, lengths = stack_left_padded([row])
+    ids = ref.decode(ref.prefill(embeds, lengths), max_new_tokens, None).tokens  # [1, T]
+    forced = ids[:, :-1].to(model.device)
+    a = ref.score(ref.prefill(embeds, lengths), forced)[0]  # [T, V]
+    b = quant.score(quant.prefill(embeds, lengths), forced)[0]
+    return QuantAgreement(sample.sample_id, ids[0].tolist(), logit_agreement(a, b))

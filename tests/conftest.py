@@ -13,6 +13,11 @@ SAMPLE_NPY = SHARED_DATA / "events" / "eventgpt_sample1.npy"
 DSEC_H5 = SHARED_DATA / "events" / "dsec_interlaken_00_d_000069_events.h5"
 LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama2" / "tokenizer.model"
 
+# Without a GPU the Triton kernels' tests (test_quant.py) run in Triton's interpreter, which must be
+# on before triton is first imported (transformers imports it); with a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def require(path: Path) -> Path:
     """Skip the test when a real-data file is absent."""
@@ -24,7 +29,7 @@ def require(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_eventgpt():
     """The eventgpt-tiny preset, fp32 on CPU (shared: tests must not mutate it)."""
-    from stagewise.models.eventgpt import build_random
+    from stagewise.models.registry import build_random
 
     return build_random("eventgpt-tiny", device="cpu", dtype=torch.float32, seed=0)
 

@@ -89,6 +89,31 @@ def run_cases(lm, options, *, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def speculative_tokens(tp) -> dict[str, list[int]]:
+    """Speculative decoding (greedy) on a tensor-parallel target: prompt lookup, and a draft LM
+    (the target with noise on its LM head: accepts most drafts, rejects some) replicated on every
+    rank; greedy ids must be plain greedy decoding's. ``tp=None``: the one-process reference."""
+    from stagewise.engine.base import stack_left_padded
+    from stagewise.engine.fast import FastEngine, FastOptions
+    from stagewise.engine.speculative import DraftModelDrafter, NgramDrafter, speculative_decode
+
+    lm = tiny_lm(**VARIANTS["gqa"])
+    draft_lm = tiny_lm(**VARIANTS["gqa"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        draft_lm.lm_head.weight.add_(0.02 * torch.randn(draft_lm.lm_head.weight.shape, generator=g))
+    eng = FastEngine(lm, FastOptions(max_seq=64, kv_bucket=8, tensor_parallel=tp))
+    embeds, lens = stack_left_padded(prompts([9]))
+    out = {"plain": eng.decode(eng.prefill(embeds, lens), 16, None).tokens[0].tolist()}
+    for name, drafter in (("ngram", NgramDrafter(2, 1)), ("draft_model", DraftModelDrafter.from_lm(draft_lm, max_seq=64))):
+        if name == "draft_model":
+            drafter.prefill(inputs_embeds=embeds)
+        spec = speculative_decode(eng, eng.prefill(embeds, lens), drafter, 3, 16, None)
+        out[name] = spec.tokens[0].tolist()
+        out[f"{name}.acceptance_rate"] = spec.stats.acceptance_rate
+    return out
+
+
 def functional_reduce():
     """The one-shot op's Reduce with no symmetric buffer: on CPU it takes its fallback (copy, then
     all_reduce), which exercises the functional custom op under torch.compile without a GPU."""
@@ -117,6 +142,7 @@ def scenario_tp(ctx: DistContext, args) -> dict:
         eng = FastEngine(lm, FastOptions(**opts, sampling=sampling, tensor_parallel=tp))
         embeds, lens = stack_left_padded(prompts([6, 10]))
         res[variant]["sampled.tokens"] = eng.decode(eng.prefill(embeds, lens, seeds=[11, 12]), 10, None).tokens
+    res["spec"] = speculative_tokens(tp)
     # the reduce custom op under torch.compile(fullgraph): traced, functionalized, same numbers
     lm = tiny_lm(**VARIANTS["gqa"])
     eng = FastEngine(lm, FastOptions(max_seq=32, tensor_parallel=tp))

@@ -48,7 +48,7 @@ def test_render_writes_pngs(tmp_path):
     rng = np.random.default_rng(0)
     n = 500
     np.savez(npy, x=rng.integers(0, 64, n).astype(np.uint16), y=rng.integers(0, 48, n).astype(np.uint16), t=np.sort(rng.integers(0, 40_000, n)).astype(np.int64), p=rng.integers(0, 2, n).astype(np.uint8))
-    assert main(["render", "--events", str(npy), "--out", str(tmp_path / "png"), "--sensor-size", "48x64"]) == 0
+    assert main(["render", "--events", str(npy), "--out", str(tmp_path / "png"), "--sensor-size", "64x48"]) == 0
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 5 and Image.open(pngs[0]).size == (64, 48)
 
@@ -88,4 +88,9 @@ def test_fast_engine_and_fast_stages_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--engine", "fast", "--fast-stages", "--num-samples", "2", "--batch-size", "2", "--output-len", "fixed:3", "--out", str(out), "--no-ceilings"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["engine"] == "fast" and cfg["architecture"]["vision_compile"] and cfg["architecture"]["gpu_preprocess"]
+    applied = cfg["applied"]["stages"]
+    assert cfg["requested"]["engine"] == "fast" and cfg["requested"]["fast_stages"]
+    # on CPU: every stage speed path but the CUDA graph, and the fast tower runs eagerly (not compiled)
+    assert applied["gpu_preprocess"] and applied["fuse_vision"] and applied["vision_fast_tower"]
+    assert not applied["vision_graph"] and not applied["vision_compile"]
+    assert cfg["applied"]["engine"]["compiled"] is False and cfg["applied"]["engine"]["cuda_graphs"] is False

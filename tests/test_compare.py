@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stagewise import STAGES
+from stagewise.errors import InputError
 from stagewise.results.compare import (
     bootstrap_geomean_ratio,
     compare_runs,
@@ -16,7 +17,6 @@ from stagewise.results.compare import (
     render_compare_markdown,
     write_compare,
 )
-from stagewise.errors import InputError
 from stagewise.results.records import SampleRecord, write_json
 from stagewise.results.summary import summarize
 
@@ -33,9 +33,9 @@ def make_record(sid: str, *, model: str = "eventgpt", load: float = 8.5, pre: fl
     return SampleRecord(
         sample_id=sid, model=model, engine="hf",
         load_ms=load, preprocess_ms=pre, vision_ms=vision, prefill_ms=prefill, decode_ms=decode,
-        e2e_ms=ttft + decode + 0.25, ttft_ms=ttft, tpot_ms=decode / (n_out - 1),
-        itl_p50_ms=decode / (n_out - 1), itl_p99_ms=1.2 * decode / (n_out - 1),
-        decode_tok_s=(n_out - 1) / (decode / 1e3), n_images=5, n_vision_tokens=n_vis, n_text_tokens=n_text,
+        e2el_ms=ttft + decode + 0.25, ttft_ms=ttft, tpot_ms=decode / (n_out - 1),
+        itl_ms=[decode / (n_out - 1)] * (n_out - 1),
+        decode_throughput_tok_s=(n_out - 1) / (decode / 1e3), n_images=5, n_vision_tokens=n_vis, n_text_tokens=n_text,
         n_prefill_tokens=n_vis + n_text, n_output_tokens=n_out, kv_cache_bytes=32 * 2 * (n_vis + n_text) * 4096 * 2,
         peak_gpu_mem_bytes=14_000 * 2**20, output_ids=list(range(n_out)),
     )
@@ -145,7 +145,7 @@ def test_ratio_ci_brackets_the_true_ratio_and_is_deterministic(tmp_path):
     other = compare_runs([a, b], n_boot=2000, seed=1)["metrics"]["decode_ms"]["runs"][1]["ratio"]["ci95"]
     assert other != [lo, hi]
     # ratio direction is run / baseline: B is slower, so > 1
-    assert res["metrics"]["e2e_ms"]["runs"][1]["ratio"]["geomean"] > 1.9
+    assert res["metrics"]["e2el_ms"]["runs"][1]["ratio"]["geomean"] > 1.9
 
 
 def test_bootstrap_edge_cases():
@@ -177,7 +177,7 @@ def test_explaining_stage_is_the_one_constructed_to_differ(tmp_path):
     ex = res["explain"][1]
     assert res["explain"][0] is None
     assert ex["stage"] == "prefill"
-    assert ex["e2e_diff_ms"] == pytest.approx(350.0)
+    assert ex["e2el_diff_ms"] == pytest.approx(350.0)
     assert ex["shares"]["prefill"] == pytest.approx(300 / 350)
     assert ex["shares"]["decode"] == pytest.approx(50 / 350)
     assert ex["shares"]["load"] == pytest.approx(0.0) and ex["unattributed_ms"] == pytest.approx(0.0)
@@ -189,7 +189,7 @@ def test_explaining_stage_is_the_one_constructed_to_differ(tmp_path):
     # the other way round (the run is faster): the same stage explains the speed-up
     res = compare_runs([tmp_path / "B", tmp_path / "A"], n_boot=100)
     ex = res["explain"][1]
-    assert ex["stage"] == "prefill" and ex["e2e_diff_ms"] == pytest.approx(-350.0)
+    assert ex["stage"] == "prefill" and ex["e2el_diff_ms"] == pytest.approx(-350.0)
     assert ex["shares"]["prefill"] == pytest.approx(300 / 350)
 
 
@@ -200,7 +200,7 @@ def test_explaining_stage_with_opposing_differences(tmp_path):
     base = [make_record(f"s{i}", load=1000.0, prefill=100.0, decode=800.0 + i) for i in range(3)]
     run = [make_record(f"s{i}", load=100.0, prefill=800.0, decode=1400.0 + i) for i in range(3)]
     ex = compare_runs([make_run(tmp_path, "A", base), make_run(tmp_path, "B", run)], n_boot=50)["explain"][1]
-    assert ex["e2e_diff_ms"] == pytest.approx(400.0)
+    assert ex["e2el_diff_ms"] == pytest.approx(400.0)
     assert ex["shares"] == pytest.approx({"load": -2.25, "preprocess": 0.0, "vision": 0.0, "prefill": 1.75,
                                           "decode": 1.5})
     assert ex["stage"] == "prefill"
@@ -257,8 +257,8 @@ def test_write_compare_files(tmp_path):
     text = md.read_text(encoding="utf-8")
     assert "# stagewise compare: A vs B" in text
     assert "![mean time per stage, per run](compare_stages.png)" in text
-    e2e_row = next(line for line in text.splitlines() if line.startswith("| e2e |"))
-    r = res["metrics"]["e2e_ms"]["runs"][1]["ratio"]
+    e2e_row = next(line for line in text.splitlines() if line.startswith("| E2EL |"))
+    r = res["metrics"]["e2el_ms"]["runs"][1]["ratio"]
     assert f"{r['geomean']:.3f}× [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" in e2e_row
     for s in STAGES:
         assert f"| {s} |" in text
@@ -298,9 +298,9 @@ def test_same_dir_twice_gets_distinct_labels_and_unit_ratio(tmp_path):
     a = make_run(tmp_path, "A", [make_record(f"s{i}", decode=800.0 + i) for i in range(3)])
     res = compare_runs([a, a], n_boot=50)
     assert [r["label"] for r in res["runs"]] == ["A (1)", "A (2)"]
-    assert res["metrics"]["e2e_ms"]["runs"][1]["ratio"]["geomean"] == pytest.approx(1.0)
+    assert res["metrics"]["e2el_ms"]["runs"][1]["ratio"]["geomean"] == pytest.approx(1.0)
     ex = res["explain"][1]
-    assert ex["e2e_diff_ms"] == 0.0 and all(v is None for v in ex["shares"].values())
+    assert ex["e2el_diff_ms"] == 0.0 and all(v is None for v in ex["shares"].values())
     render_compare_markdown(res)  # no division by a zero difference
 
 
@@ -318,11 +318,11 @@ def test_compare_two_runs_made_by_the_cli(tmp_path, capsys):
     res = compare_runs(dirs, n_boot=200)
     assert res["n_common"] == 2
     assert [ln["n_output_tokens"] for ln in res["lengths"]] == [8.0, 24.0]
-    assert {d["key"] for d in res["config_diff"]} >= {"output_len"}
+    assert {d["key"] for d in res["config_diff"]} >= {"requested.output_len"}
     ex = res["explain"][1]
     # 16 more decode steps at a positive time per step: the output-length part is positive
     assert ex["decode_split"]["steps"] == [7.0, 23.0] and ex["decode_split"]["from_output_len_ms"] > 0
-    assert ex["unattributed_ms"] == pytest.approx(0.0, abs=0.05 * abs(ex["e2e_diff_ms"]) + 0.1)
+    assert ex["unattributed_ms"] == pytest.approx(0.0, abs=0.05 * abs(ex["e2el_diff_ms"]) + 0.1)
     md, js, png = write_compare(res, tmp_path / "cmp")
     assert png.read_bytes()[:8] == PNG_MAGIC
-    assert "| output_len | fixed:8 | fixed:24 |" in md.read_text(encoding="utf-8")
+    assert "| requested.output_len | fixed:8 | fixed:24 |" in md.read_text(encoding="utf-8")

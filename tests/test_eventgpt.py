@@ -1,8 +1,9 @@
-"""EventGPT: pooling shapes, released checkpoint layout round trip, decoupled == fused."""
+"""EventGPT: pooling shapes, released checkpoint layout round trip, decoupled == fused, speed paths."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,21 +17,33 @@ from stagewise.models.eventgpt import (
     from_pretrained,
     module_key_to_checkpoint_key,
     save_checkpoint,
-    spatio_temporal_pool,
 )
+from stagewise.models.family import StageOptions
+from stagewise.models.vision import FastClipTower, VisionOptions, spatio_temporal_pool
 from stagewise.preprocess.prompt import (
     DEFAULT_QUERY,
     EVENT_TOKEN_INDEX,
-    eventgpt_prompt,
-    tokenize_with_placeholder,
+    tokenize_prompt,
 )
 
 
 def _prepared(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(5, 3, 336, 336, generator=g)
-    ids = tokenize_with_placeholder(eventgpt_prompt(DEFAULT_QUERY), model.tokenizer)
-    return Prepared(pixels, torch.tensor(ids))
+    ids, k = tokenize_prompt(model.prompt, model.tokenizer, DEFAULT_QUERY)
+    return Prepared(pixels, torch.tensor(ids), placeholder_index=k)
+
+
+@contextmanager
+def options(model, **kw):
+    """Apply stage options for the block (the session model is shared: restore them after)."""
+    vision = {k: kw.pop(k) for k in ("compile", "graph", "fuse", "per_frame") if k in kw}
+    saved = model.options
+    model.configure(StageOptions(vision=VisionOptions(**vision), **kw))
+    try:
+        yield model
+    finally:
+        model.configure(saved)
 
 
 def test_pooling_order_and_shape():
@@ -45,11 +58,8 @@ def test_vision_gives_582_tokens_and_fused_variant_matches(tiny_eventgpt):
     prep = _prepared(tiny_eventgpt)
     v = tiny_eventgpt.encode_vision(prep)
     assert v.shape == (582, tiny_eventgpt.lm.config.hidden_size) and tiny_eventgpt.n_vision_tokens == 582
-    tiny_eventgpt.fuse_vision = True
-    try:
+    with options(tiny_eventgpt, fuse=True):
         vf = tiny_eventgpt.encode_vision(prep)
-    finally:
-        tiny_eventgpt.fuse_vision = False
     diff = (v - vf).abs().max().item()
     assert diff < 1e-4, f"pool-before-linear differs by {diff}"
 
@@ -59,6 +69,7 @@ def test_splice_puts_vision_at_the_placeholder(tiny_eventgpt):
     v = tiny_eventgpt.encode_vision(prep)
     e = tiny_eventgpt.build_inputs_embeds(prep, v)
     k = prep.input_ids.tolist().index(EVENT_TOKEN_INDEX)
+    assert k == prep.placeholder_index
     assert e.shape[0] == len(prep.input_ids) - 1 + 582
     torch.testing.assert_close(e[k : k + 582], v)
     emb = tiny_eventgpt.lm.get_input_embeddings()
@@ -89,10 +100,12 @@ def test_key_mapping_round_trip():
 def test_released_layout_loads_unchanged(tiny_eventgpt, tmp_path, safetensors):
     folder = save_checkpoint(tiny_eventgpt, tmp_path / "ckpt", safetensors=safetensors, max_shard_bytes=200_000)
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["model_type"] == "EventChat_llama" and cfg["mm_use_im_start_end"] is True
+    assert cfg["model_type"] == "EventChat_llama"
     shards = sorted(folder.glob("*.safetensors" if safetensors else "pytorch_model-*.bin"))
     assert len(shards) > 1, "sharded"
+    assert cfg["mm_use_im_start_end"] is False and cfg["mm_use_im_patch_token"] is True  # the released config
     loaded = from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert loaded.tokenizer("a <ev_patch> b").input_ids == tiny_eventgpt.tokenizer("a <ev_patch> b").input_ids
     a, b = tiny_eventgpt.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -129,22 +142,22 @@ def test_checkpoint_errors(tmp_path):
 
 @pytest.mark.gpu
 def test_vision_cuda_graph_equals_eager_on_gpu():
-    from stagewise.models.eventgpt import build_random
+    from stagewise.models.registry import build_random
 
     model = build_random("eventgpt-tiny", device="cuda", dtype=torch.bfloat16)
-    model.fuse_vision = True
     prep = _prepared(model)
     prep.pixel_values = prep.pixel_values.to("cuda", torch.bfloat16)
-    eager = model.encode_vision(prep)
-    model.vision_graph = True
-    first = model.encode_vision(prep)  # captures
-    prep.pixel_values = prep.pixel_values.flip(0).contiguous()  # new data, same shape: replayed
-    again = model.encode_vision(prep)
-    model.vision_graph = False
-    eager2 = model.encode_vision(prep)
+    with options(model, fuse=True):
+        eager = model.encode_vision(prep)
+    with options(model, fuse=True, graph=True):
+        first = model.encode_vision(prep)  # captures
+        prep.pixel_values = prep.pixel_values.flip(0).contiguous()  # new data, same shape: replayed
+        again = model.encode_vision(prep)
+        assert len(model.vision._graphs) == 1
+    with options(model, fuse=True):
+        eager2 = model.encode_vision(prep)
     assert torch.equal(first, eager), (first - eager).abs().max()
     assert torch.equal(again, eager2), (again - eager2).abs().max()
-    assert len(model._vision_graphs) == 1
 
 
 def test_png_frames_of_different_sizes_on_the_torch_path(tiny_eventgpt, tmp_path):
@@ -161,45 +174,37 @@ def test_png_frames_of_different_sizes_on_the_torch_path(tiny_eventgpt, tmp_path
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     loaded = tiny_eventgpt.load(Sample("s", "q?", event_image_paths=paths))
     cpu = tiny_eventgpt.preprocess(loaded, "q?").pixel_values
-    tiny_eventgpt.gpu_preprocess = True
-    try:
+    with options(tiny_eventgpt, gpu_preprocess=True):
         torch_path = tiny_eventgpt.preprocess(loaded, "q?").pixel_values
-    finally:
-        tiny_eventgpt.gpu_preprocess = False
     assert torch_path.shape == (5, 3, 336, 336)
     assert torch.equal(cpu, torch_path), (cpu - torch_path).abs().max()
 
 
 def test_fast_clip_tower_equals_transformers(tiny_eventgpt):
     """The one-function CLIP layer computes what transformers' encoder computes (fp32, eager)."""
-    from stagewise.models.clip_fast import FastClipTower
-
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(1))
-    ref = tiny_eventgpt.visual_tower(pixel_values=px).last_hidden_state
-    got = FastClipTower(tiny_eventgpt.visual_tower, compile=False)(px)
+    tower = tiny_eventgpt.vision.tower
+    ref = tower(pixel_values=px).last_hidden_state
+    got = FastClipTower(tower, compile=False)(px)
     assert got.shape == ref.shape == (2, 577, 32)
     err = (got - ref).abs().max().item()
     assert err < 1e-4, f"max |diff| {err}"
-    again = tiny_eventgpt.visual_tower(pixel_values=px).last_hidden_state  # HF tower unchanged
+    again = tower(pixel_values=px).last_hidden_state  # HF tower unchanged
     assert torch.equal(again, ref)
-    tiny_eventgpt.vision_compile = True
-    try:
-        prep = _prepared(tiny_eventgpt)
+    prep = _prepared(tiny_eventgpt)
+    with options(tiny_eventgpt, compile=True):
         fast_v = tiny_eventgpt.encode_vision(prep)
-    finally:
-        tiny_eventgpt.vision_compile = False
     slow_v = tiny_eventgpt.encode_vision(prep)
     assert (fast_v - slow_v).abs().max().item() < 1e-4
 
 
 @pytest.mark.gpu
 def test_compiled_clip_tower_on_gpu_is_close_to_transformers():
-    from stagewise.models.clip_fast import FastClipTower
-    from stagewise.models.eventgpt import build_random
+    from stagewise.models.registry import build_random
 
     model = build_random("eventgpt-tiny", device="cuda", dtype=torch.bfloat16)
     px = torch.randn(5, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
-    ref = model.visual_tower(pixel_values=px).last_hidden_state.float()
-    got = FastClipTower(model.visual_tower)(px).float()  # compiled on CUDA
+    ref = model.vision.tower(pixel_values=px).last_hidden_state.float()
+    got = FastClipTower(model.vision.tower)(px).float()  # compiled on CUDA
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, f"relative L2 difference {rel} (bf16 rounding is ~4e-3)"

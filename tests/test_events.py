@@ -73,18 +73,18 @@ def test_pickled_dict_polarity_minus_one_maps_to_zero(tmp_path):
     assert got.events["p"].dtype == np.uint8
 
 
-def test_pickle_refused_without_allow_pickle(tmp_path, scene):
+def test_pickled_dict_safe_by_default_equals_trusted_load(tmp_path, scene):
     path = save_pickled_dict(tmp_path / "s.npy", {k: scene.events[k] for k in ("x", "y", "t", "p")})
-    with pytest.raises(InputError) as err:
-        read_events(path, allow_pickle=False)
-    assert_one_line_naming(err, path, "pickle", "arbitrary code", ".npz")
+    safe, trusted = read_events(path), read_events(path, trust_pickle=True)
+    np.testing.assert_array_equal(safe.events, trusted.events)
+    np.testing.assert_array_equal(safe.events, scene.events)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".npz", ".h5", ".hdf5"])
 def test_safe_writers_round_trip(tmp_path, scene, suffix):
     stream = EventStream(scene.events, 480, 640, "x", t_offset_us=123_456)
     path = write_events(tmp_path / f"s{suffix}", stream)
-    got = read_events(path, allow_pickle=False)
+    got = read_events(path)
     np.testing.assert_array_equal(got.events, scene.events)
     if suffix == ".npy":  # a bare structured array stores no metadata
         assert (got.height, got.width, got.t_offset_us) == (None, None, 0)
@@ -102,7 +102,7 @@ def test_structured_npy_with_other_field_order_and_widths(tmp_path):
     arr = np.zeros(4, dtype=[("x", "<i4"), ("y", "<i4"), ("p", "<i1"), ("t", "<f8")])
     arr["x"], arr["y"], arr["p"], arr["t"] = [1, 2, 3, 4], [0, 1, 2, 3], [1, -1, 1, -1], [10.0, 11.0, 12.0, 13.0]
     np.save(tmp_path / "o.npy", arr)
-    got = read_events(tmp_path / "o.npy", allow_pickle=False)
+    got = read_events(tmp_path / "o.npy")
     np.testing.assert_array_equal(got.events["t"], [10, 11, 12, 13])
     np.testing.assert_array_equal(got.events["p"], [1, 0, 1, 0])
 
@@ -323,7 +323,7 @@ def test_out_of_range_coordinates(tmp_path, scene):
     path = write_events(tmp_path / "o.npz", scene)  # 480x640 scene
     with pytest.raises(InputError) as err:
         read_events(path, sensor_size=(240, 320))
-    assert_one_line_naming(err, path, "out of range", "240x320")
+    assert_one_line_naming(err, path, "out of range", "320x240 (width x height)")
 
 
 def test_bad_polarity(tmp_path):
@@ -364,7 +364,15 @@ def test_pickled_non_dict(tmp_path):
     np.save(path, np.array([[1, 2], "x"], dtype=object), allow_pickle=True)
     with pytest.raises(InputError) as err:
         read_events(path)
-    assert_one_line_naming(err, path, "expected a dict")
+    assert_one_line_naming(err, path, "object array", "--trust-pickle")
+    with pytest.raises(InputError) as err:  # trusted, it unpickles, and is still not a dict
+        read_events(path, trust_pickle=True)
+    assert_one_line_naming(err, path, "pickled dict", "dtype object")
+    lst = tmp_path / "list.npy"
+    lst.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(InputError) as err:
+        read_events(lst)
+    assert_one_line_naming(err, lst, "expected a dict")
 
 
 def test_plain_npy_array(tmp_path):
@@ -393,17 +401,15 @@ def test_swapped_npy_npz_and_raw_pickle(tmp_path):
     raw = tmp_path / "raw.npy"  # a bare pickle of the dict, without the .npy header
     raw.write_bytes(pickle.dumps({"x": np.arange(3), "y": np.arange(3), "t": np.arange(3), "p": np.ones(3)}))
     assert len(read_events(raw)) == 3
-    with pytest.raises(InputError) as err:
-        read_events(raw, allow_pickle=False)
-    assert_one_line_naming(err, raw, "pickle")
+    assert len(read_events(raw, trust_pickle=True)) == 3
 
 
 def test_unknown_suffix_and_missing_file(tmp_path):
-    path = tmp_path / "x.csv"
+    path = tmp_path / "x.txt"
     path.write_text("t,x,y,p\n")
     with pytest.raises(InputError) as err:
         read_events(path)
-    assert_one_line_naming(err, path, "unknown event file type")
+    assert_one_line_naming(err, path, "unsupported event file type '.txt'")
     with pytest.raises(InputError) as err:
         read_events(tmp_path / "nope.npy")
     assert_one_line_naming(err, tmp_path / "nope.npy", "no such file")
@@ -461,12 +467,15 @@ def test_unreadable_png(tmp_path):
 
 
 def test_pickle_module_is_not_needed_for_safe_formats(tmp_path, scene, monkeypatch):
-    # allow_pickle=False must never unpickle: make any unpickling fail loudly.
+    # The safe formats must never unpickle: make any unpickling fail loudly.
+    from stagewise.inputs.safe_pickle import SafeUnpickler
+
     def boom(*args, **kwargs):
         raise AssertionError("unpickled")
 
     monkeypatch.setattr(pickle, "load", boom)
     monkeypatch.setattr(pickle, "loads", boom)
+    monkeypatch.setattr(SafeUnpickler, "load", boom)
     for suffix in (".npy", ".npz", ".h5"):
         path = write_events(tmp_path / f"s{suffix}", scene)
-        assert len(read_events(path, allow_pickle=False)) == len(scene)
+        assert len(read_events(path)) == len(scene)

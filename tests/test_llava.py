@@ -16,6 +16,8 @@ from PIL import Image
 from stagewise.errors import InputError
 from stagewise.models import llava
 from stagewise.models.base import MultimodalModel, Prepared, Sample
+from stagewise.models.registry import build_random
+from stagewise.preprocess.prompt import tokenize_prompt
 
 QUERY = "What are the key elements in this scene?"
 
@@ -38,7 +40,7 @@ def scene_frame(t: int, h: int = 120, w: int = 160) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    return llava.build_random("llava-1.5-tiny", device="cpu", dtype=torch.float32, tokenizer_path=TOKENIZER)
+    return build_random("llava-1.5-tiny", device="cpu", dtype=torch.float32, tokenizer=TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +59,15 @@ def prepared(model, image) -> Prepared:
 
 
 def test_7b_preset_has_the_real_shapes():
-    m = llava.build_random("llava-1.5-7b", device="meta", dtype=torch.bfloat16, tokenizer_path=TOKENIZER)
+    m = build_random("llava-1.5-7b", device="meta", dtype=torch.bfloat16, tokenizer=TOKENIZER)
     d = m.describe()
     assert isinstance(m, MultimodalModel)
-    assert d["vision_tokens_per_image"] == 576 and d["vision_tokens"] == 576 and d["n_frames"] == 1
-    assert d["vision_cls_kept"] is False and d["vision_feature_layer"] == -2
-    assert d["vision_feature_select_strategy"] == "default"
-    assert d["image_size"] == 336 and d["patch_size"] == 14 and d["vision_layers_run"] == 24
-    assert (d["lm_hidden_size"], d["lm_layers"], d["lm_heads"], d["lm_intermediate_size"]) == (4096, 32, 32, 11008)
-    assert d["vocab_size"] == 32064 and d["placeholder_token_id"] == 32000
+    v, lm = d["vision"], d["lm"]
+    assert v["tokens_per_image"] == 576 and d["n_vision_tokens"] == 576 and d["n_frames"] == 1
+    assert v["cls_kept"] is False and v["feature_layer"] == -2 and v["feature_select_strategy"] == "default"
+    assert v["image_size"] == 336 and v["patch_size"] == 14 and v["layers_run"] == 24
+    assert (lm["hidden_size"], lm["num_hidden_layers"], lm["num_attention_heads"], lm["intermediate_size"]) == (4096, 32, 32, 11008)
+    assert lm["vocab_size"] == 32064 and d["placeholder_token_id"] == 32000
     assert d["lm_params"] == 6_738_939_904
     assert d["total_params"] == 7_063_427_072  # the published llava-1.5-7b-hf size (7.06 B)
     # FLOPs by hand: T = 577 tokens into the tower (CLS included), 576 into the projector.
@@ -81,11 +83,11 @@ def test_tokenizer_and_prompt(model):
     tok = model.tokenizer
     assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
     assert tok.pad_token_id == 32001 and model.eos_token_id == 2
-    ids = model.tokenize(QUERY).tolist()
+    ids = torch.tensor(tokenize_prompt(model.prompt, model.tokenizer, QUERY)[0]).tolist()
     assert ids[0] == 1 and ids.count(32000) == 1 and len(ids) == 22
     # The ids transformers' own LLaVA processor test expects from llava-1.5-7b-hf's tokenizer for
     # "USER: <image>\nWhat is shown in this image? ASSISTANT:" (note the 29871 after 32000).
-    assert model.tokenize("What is shown in this image?").tolist() == [
+    assert torch.tensor(tokenize_prompt(model.prompt, model.tokenizer, "What is shown in this image?")[0]).tolist() == [
         1, 3148, 1001, 29901, 29871, 32000, 29871, 13, 5618, 338, 4318, 297, 445, 1967, 29973, 319, 1799,
         9047, 13566, 29901]
     assert model.decode_text(ids) == f"USER:  \n{QUERY} ASSISTANT:"
@@ -174,27 +176,27 @@ def test_load_fallbacks_video_middle_frame_and_event_pngs(model, tmp_path):
     folder.mkdir()
     for t, f in enumerate(frames):
         Image.fromarray(f).save(folder / f"{t:03d}.png")
-    got = model.load(Sample("v", QUERY, video_path=folder))
+    got = np.asarray(model.load(Sample("v", QUERY, video_path=folder)).frames)
     assert got.shape == (1, 120, 160, 3) and np.array_equal(got[0], frames[4])
 
     ev = [folder / f"{t:03d}.png" for t in range(5)]
-    assert np.array_equal(model.load(Sample("e", QUERY, event_image_paths=ev))[0], frames[2])
+    assert np.array_equal(model.load(Sample("e", QUERY, event_image_paths=ev)).frames[0], frames[2])
 
     pytest.importorskip("av")
     mp4 = write_mp4(tmp_path / "c.mp4", frames)
-    mid = model.load(Sample("m", QUERY, video_path=mp4))[0].astype(np.int16)
+    mid = model.load(Sample("m", QUERY, video_path=mp4)).frames[0].astype(np.int16)
     errs = [np.abs(mid - f.astype(np.int16)).mean() for f in frames]
     assert int(np.argmin(errs)) == 4, f"middle frame of 9 should be index 4; errors {np.round(errs, 1)}"
 
     # image_path wins over the others
     img = tmp_path / "x.png"
     Image.fromarray(frames[7]).save(img)
-    got = model.load(Sample("i", QUERY, image_path=img, video_path=folder))
+    got = model.load(Sample("i", QUERY, image_path=img, video_path=folder)).frames
     assert np.array_equal(got[0], frames[7])
 
 
 def test_load_errors(model, tmp_path):
-    with pytest.raises(InputError, match="image_path"):
+    with pytest.raises(InputError, match="needs an image"):
         model.load(Sample("none", QUERY))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"PNG? no")
@@ -234,20 +236,19 @@ def test_from_pretrained_errors(model, tmp_path):
 
 
 def test_dtype_names_and_bf16_build():
-    assert llava.as_dtype("bf16") is torch.bfloat16 and llava.as_dtype(torch.float16) is torch.float16
-    with pytest.raises(ValueError):
-        llava.as_dtype("int3")
-    m = llava.build_random("llava-1.5-tiny", device="cpu", dtype="bf16", tokenizer_path=TOKENIZER)
+    with pytest.raises(ValueError, match="dtype"):
+        build_random("llava-1.5-tiny", dtype="int3", tokenizer=TOKENIZER)
+    m = build_random("llava-1.5-tiny", device="cpu", dtype="bf16", tokenizer=TOKENIZER)
     assert m.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in m.hf.parameters())
 
 
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        llava.build_random("llava-1.5-tiny", device="cpu", dtype="fp32", tokenizer_path=tmp_path)
+        build_random("llava-1.5-tiny", device="cpu", dtype="fp32", tokenizer=tmp_path)
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     with pytest.raises(InputError, match="SentencePiece") as ei:
-        llava.build_random("llava-1.5-tiny", device="cpu", dtype="fp32", tokenizer_path=tmp_path)
+        build_random("llava-1.5-tiny", device="cpu", dtype="fp32", tokenizer=tmp_path)
     assert ei.value.path == bad
     with pytest.raises(ValueError, match="llava-1.5-tiny"):
-        llava.build_random("llava-2", device="cpu", dtype="fp32", tokenizer_path=TOKENIZER)
+        build_random("llava-2", device="cpu", dtype="fp32", tokenizer=TOKENIZER)

@@ -38,7 +38,8 @@ def test_three_models_same_samples_and_compare(dataset, tmp_path, capsys):
     tok = str(require(LLAMA_TOKENIZER))
     common = ["--dataset", str(dataset), "--no-ceilings", "--output-len", "fixed:4", "--warmup", "1"]
     assert main(["run", "--preset", "eventgpt-tiny", "--out", str(tmp_path / "egpt"), *common]) == 0
-    assert main(["run", "--preset", "video-llava-tiny", "--tokenizer", tok, "--out", str(tmp_path / "vl"), *common]) == 0
+    # the dataset holds a corrupt MP4: recorded, the run goes on, exit code 3 (some samples failed)
+    assert main(["run", "--preset", "video-llava-tiny", "--tokenizer", tok, "--out", str(tmp_path / "vl"), *common]) == 3
     assert main(["run", "--preset", "llava-1.5-tiny", "--tokenizer", tok, "--out", str(tmp_path / "ll"), "--input-format", "png", *common]) == 0
     vl = {r.sample_id: r for r in read_samples(tmp_path / "vl" / "samples.jsonl")}
     assert vl["sim000"].ok and vl["sim001"].ok

@@ -321,6 +321,20 @@ def test_tensor_parallel_2_equals_one_process(tp_results, variant):
 
 
 @pytest.mark.slow
+def test_speculative_decoding_on_a_tensor_parallel_target(tp_results):
+    """Greedy speculative decoding (prompt lookup; a draft LM replicated on each rank) over a TP=2
+    target gives plain greedy ids, the same on both ranks and as one process."""
+    from parallel_worker import speculative_tokens
+
+    ref = speculative_tokens(None)
+    r0, r1 = (res["spec"] for res in tp_results)
+    assert r0 == r1, "ranks disagree"
+    for name in ("plain", "ngram", "draft_model"):
+        assert r0[name] == ref["plain"], f"{name}: TP=2 ids differ from plain one-process greedy ids"
+    assert 0 < r0["draft_model.acceptance_rate"] < 1, "both branches of the rollback ran"
+
+
+@pytest.mark.slow
 def test_all_reduce_op_traces_under_torch_compile(tp_results):
     """The custom op through dynamo (fullgraph) and AOT functionalization gives the eager result."""
     for res in tp_results:

@@ -8,6 +8,7 @@ import torch
 from conftest import DSEC_H5, SAMPLE_NPY  # noqa: F401
 
 from stagewise.inputs.events import read_events
+from stagewise.inputs.simulate import moving_edge_events
 from stagewise.preprocess.clip import (
     CLIP_MEAN,
     CLIP_STD,
@@ -17,7 +18,6 @@ from stagewise.preprocess.clip import (
     resized_size,
 )
 from stagewise.preprocess.render import render_event_images, render_event_images_torch
-from stagewise.inputs.simulate import moving_edge_events
 
 
 def diff_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -139,7 +139,7 @@ def test_torch_path_dtype(scene_images):
 
 def test_render_then_preprocess_on_torch_equals_host_path(scene_images):
     stream = moving_edge_events()
-    pixels = clip_preprocess_torch(render_event_images_torch(stream.events, 5, sensor_size=(480, 640)))
+    pixels = clip_preprocess_torch(torch.stack(render_event_images_torch(stream.events, 5, sensor_size=(480, 640))))
     assert_identical(pixels, clip_preprocess(scene_images), "torch render + torch CLIP vs host")
 
 

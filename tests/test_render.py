@@ -16,13 +16,13 @@ from stagewise.inputs.events import (
     read_events,
     split_equal_count,
 )
+from stagewise.inputs.simulate import moving_edge_events
 from stagewise.preprocess.render import (
     render_event_image,
     render_event_images,
     render_event_images_torch,
     save_event_pngs,
 )
-from stagewise.inputs.simulate import moving_edge_events
 
 
 def reference_image(part: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -138,19 +138,27 @@ def test_torch_renderer_equals_numpy(which, request):
     stream = request.getfixturevalue(which)
     want = np.stack(render_event_images(stream.events, 5, sensor_size=(480, 640)))
     for device in torch_devices():
-        got = render_event_images_torch(stream.events, 5, sensor_size=(480, 640), device=device)
+        got = torch.stack(render_event_images_torch(stream.events, 5, sensor_size=(480, 640), device=device))
         assert got.dtype == torch.uint8 and got.shape == (5, 480, 640, 3) and got.device.type == device
         assert_images_equal(got.cpu().numpy(), want, f"{which} on {device}")
 
 
-def test_torch_renderer_without_sensor_size_uses_max_over_parts():
+def test_both_renderers_size_images_by_one_rule():
+    """Without a sensor size every image is its own part's extent, on both paths (the reference's
+    rule); with one, every image has the sensor's size. Parts of different extents included."""
     ev = collisions(n=1001, size=9, seed=4)
     ev["x"][:200] = np.minimum(ev["x"][:200], 3)  # first part narrower than the rest
+    ev["y"][800:] = np.minimum(ev["y"][800:], 5)  # last part shorter
+    want = render_event_images(ev, 5)
+    sizes = [w.shape[:2] for w in want]
+    assert len(set(sizes)) > 1, sizes
     got = render_event_images_torch(ev, 5)
-    height, width = int(ev["y"].max()) + 1, int(ev["x"].max()) + 1
-    assert got.shape == (5, height, width, 3)
-    want = np.stack(render_event_images(ev, 5, sensor_size=(height, width)))
-    assert_images_equal(got.numpy(), want, "max-over-parts size")
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, (k, g.shape, w.shape)
+        assert_images_equal(g.numpy()[None], w[None], f"part {k}")
+    full = render_event_images_torch(ev, 5, sensor_size=(12, 11))
+    want_full = np.stack(render_event_images(ev, 5, sensor_size=(12, 11)))
+    assert_images_equal(torch.stack(full).numpy(), want_full, "sensor size")
     with pytest.raises(ValueError):
         render_event_images_torch(ev, 5, sensor_size=(2, 2))
     with pytest.raises(ValueError):
@@ -160,7 +168,7 @@ def test_torch_renderer_without_sensor_size_uses_max_over_parts():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_renderer_on_gpu(scene):
-    got = render_event_images_torch(scene.events, 5, sensor_size=(480, 640), device="cuda")
+    got = torch.stack(render_event_images_torch(scene.events, 5, sensor_size=(480, 640), device="cuda"))
     want = np.stack(render_event_images(scene.events, 5, sensor_size=(480, 640)))
     assert_images_equal(got.cpu().numpy(), want, "cuda")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stagewise import STAGES
+from stagewise.config import parse_output_len
 from stagewise.inputs.samples import simulated_samples
 from stagewise.models.base import Sample
-from stagewise.config import parse_output_len
 from stagewise.results.records import SampleRecord, read_samples
 from stagewise.runner import STAGE_SUM_TOLERANCE, RunConfig, execute
 
@@ -32,19 +32,21 @@ def test_run_directory_and_stage_sums(tiny_eventgpt, tmp_path):
         assert r.ok, r.error
         stages = [getattr(r, f"{s}_ms") for s in STAGES]
         assert all(t > 0 for t in stages), stages
-        assert abs(sum(stages) - r.e2e_ms) / r.e2e_ms <= STAGE_SUM_TOLERANCE, (sum(stages), r.e2e_ms)
+        assert abs(sum(stages) - r.e2el_ms) / r.e2el_ms <= STAGE_SUM_TOLERANCE, (sum(stages), r.e2el_ms)
         assert r.ttft_ms == pytest.approx(sum(stages[:4]))
         assert r.n_vision_tokens == 582 and r.n_images == 5
         assert r.n_prefill_tokens == r.n_vision_tokens + r.n_text_tokens
         assert r.n_output_tokens == 5 and len(r.output_ids) == 5
-        assert r.tpot_ms == pytest.approx(r.decode_ms / 4)
+        assert r.tpot_ms == pytest.approx((r.e2el_ms - r.ttft_ms) / 4)  # TPOT = (E2EL - TTFT) / (n_out - 1)
+        assert len(r.itl_ms) == 4 and all(x > 0 for x in r.itl_ms)
         assert r.shapes["preprocess.pixel_values"] == [5, 3, 336, 336]
         assert r.shapes["vision.features"] == [582, 64]
         cfg = tiny_eventgpt.lm.config
         assert r.kv_cache_bytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (r.n_prefill_tokens + 4) * (cfg.hidden_size // cfg.num_attention_heads) * 4
     config = json.loads((run / "config.json").read_text())
-    assert config["weights"] == "random" and config["env"]["torch"] == torch.__version__
-    assert summary["n_samples"] == 2 and summary["metrics"]["decode_ms"]["n"] == 2
+    assert config["requested"]["weights"] == "random" and config["env"]["torch"] == torch.__version__
+    assert config["applied"]["decoding"] == {"decoding": "greedy"} and recs[0].decoding == "greedy"
+    assert summary["n_samples"] == 2 and summary["mean_decode_ms"] is not None and summary["n_failed"] == 0
     assert sum(summary["stage_share"].values()) == pytest.approx(1.0)
 
 
@@ -120,4 +122,4 @@ def test_fast_engine_run_matches_hf_and_batching(tiny_eventgpt, tmp_path):
     ids = [[r.output_ids for r in read_samples(tmp_path / d / "samples.jsonl")] for d in ("hf", "f1", "f2")]
     assert ids[0] == ids[1] == ids[2]
     summary = json.loads((tmp_path / "f2" / "summary.json").read_text())
-    assert summary["samples_per_s"] > 0 and summary["output_tok_s"] > 0
+    assert summary["request_throughput_req_s"] > 0 and summary["output_throughput_tok_s"] > 0

@@ -11,7 +11,15 @@ from test_engine_fast import GQA, fast_engine, prompts, run, tiny_lm
 
 from stagewise.engine.base import stack_left_padded
 from stagewise.engine.hf import HFEngine, HFOptions
-from stagewise.engine.sampling import SamplingParams, _splitmix64, draw_tokens, hf_warpers, row_seed, uniform, warp_logits
+from stagewise.engine.sampling import (
+    SamplingParams,
+    _splitmix64,
+    draw_tokens,
+    hf_warpers,
+    row_seed,
+    uniform,
+    warp_logits,
+)
 
 PARAMS = [
     SamplingParams(temperature=0.4, top_k=50, top_p=1.0),  # the EventGPT authors' script

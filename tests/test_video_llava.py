@@ -14,9 +14,11 @@ from conftest import LLAMA_TOKENIZER, decoupled
 from PIL import Image
 
 from stagewise.errors import InputError
+from stagewise.inputs.video import sample_indices, write_mp4
 from stagewise.models import video_llava as vl
 from stagewise.models.base import MultimodalModel, Prepared, Sample
-from stagewise.inputs.video import sample_indices, write_mp4
+from stagewise.models.registry import build_random
+from stagewise.preprocess.prompt import tokenize_prompt
 
 pytest.importorskip("av")
 
@@ -42,7 +44,7 @@ def moving_scene(n: int, h: int = 96, w: int = 128) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    return vl.build_random("video-llava-tiny", device="cpu", dtype=torch.float32, tokenizer_path=TOKENIZER)
+    return build_random("video-llava-tiny", device="cpu", dtype=torch.float32, tokenizer=TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +61,18 @@ def prepared(model, clip) -> Prepared:
 
 
 def test_7b_preset_has_the_real_shapes():
-    m = vl.build_random("video-llava-7b", device="meta", dtype=torch.bfloat16, tokenizer_path=TOKENIZER)
+    m = build_random("video-llava-7b", device="meta", dtype=torch.bfloat16, tokenizer=TOKENIZER)
     d = m.describe()
     assert isinstance(m, MultimodalModel)
-    assert d["vision_tokens_per_image"] == 257 and d["vision_tokens"] == 2056 and d["n_frames"] == 8
-    assert d["vision_cls_kept"] is True and d["vision_feature_layer"] == -2
-    assert d["image_size"] == 224 and d["patch_size"] == 14 and d["vision_layers_run"] == 24
-    assert (d["lm_hidden_size"], d["lm_layers"], d["lm_heads"], d["lm_intermediate_size"]) == (4096, 32, 32, 11008)
-    assert d["vocab_size"] == 32064 and d["placeholder_token_id"] == 32001
+    v, lm = d["vision"], d["lm"]
+    assert v["tokens_per_image"] == 257 and d["n_vision_tokens"] == 2056 and d["n_frames"] == 8
+    assert v["cls_kept"] is True and v["feature_layer"] == -2
+    assert v["image_size"] == 224 and v["patch_size"] == 14 and v["layers_run"] == 24
+    assert (lm["hidden_size"], lm["num_hidden_layers"], lm["num_attention_heads"], lm["intermediate_size"]) == (4096, 32, 32, 11008)
+    assert lm["vocab_size"] == 32064 and d["placeholder_token_id"] == 32001
     assert d["lm_params"] == 6_738_939_904  # Vicuna-7B with the 32064-row vocabulary
-    assert d["vision_tower_params"] == 303_179_776  # CLIP ViT-L/14 at 224 (no projection head)
-    assert d["projector_params"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert d["vision_params"] == 303_179_776 + projector  # CLIP ViT-L/14 at 224 (no projection head) + projector
     assert m.hf.config.video_seq_length == 2056
     # FLOPs per frame, by hand: T = 257 tokens, D = 1024, I = 4096, 24 layers, LM hidden 4096.
     t, dv, i, h = 257, 1024, 4096, 4096
@@ -86,12 +89,12 @@ def test_tokenizer_and_prompt(model):
     tok = model.tokenizer
     assert tok.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [32000, 32001, 32002]
     assert tok.pad_token_id == 32002 and model.eos_token_id == 2
-    ids = model.tokenize(QUERY).tolist()
+    ids = torch.tensor(tokenize_prompt(model.prompt, model.tokenizer, QUERY)[0]).tolist()
     assert ids[0] == 1, "BOS missing"
     assert ids.count(32001) == 1 and len(ids) == 22
     assert model.decode_text(ids) == f"USER:  \n{QUERY} ASSISTANT:"
     with pytest.raises(InputError):
-        model.tokenize("look at <video> again")
+        torch.tensor(tokenize_prompt(model.prompt, model.tokenizer, "look at <video> again")[0])
 
 
 def test_stages_end_to_end_shapes(model, prepared):
@@ -179,8 +182,8 @@ def test_fairness_switch_reads_the_event_pngs(model, tmp_path):
         paths.append(tmp_path / f"000000_{i}.png")
         Image.fromarray(f).save(paths[-1])
     loaded = model.load(Sample("ev", QUERY, event_image_paths=paths))
-    assert loaded.shape == (8, 96, 128, 3)
-    assert np.array_equal(loaded, frames[sample_indices(5, 8)])  # indices 0,1,1,2,2,3,3,4
+    assert np.asarray(loaded.frames).shape == (8, 96, 128, 3)
+    assert np.array_equal(np.asarray(loaded.frames), frames[sample_indices(5, 8)])  # indices 0,1,1,2,2,3,3,4
     assert model.preprocess(loaded, QUERY).pixel_values.shape == (8, 3, 224, 224)
 
 
@@ -191,11 +194,11 @@ def test_frame_folder_and_mp4_give_the_same_layout(model, tmp_path):
     for i, f in enumerate(frames):
         Image.fromarray(f).save(folder / f"{i:06d}.png")
     loaded = model.load(Sample("f", QUERY, video_path=folder))
-    assert np.array_equal(loaded, frames[sample_indices(16, 8)])
+    assert np.array_equal(np.asarray(loaded.frames), frames[sample_indices(16, 8)])
 
 
 def test_load_errors(model, tmp_path):
-    with pytest.raises(InputError, match="video_path or event_image_paths"):
+    with pytest.raises(InputError, match="needs a video, event images or events"):
         model.load(Sample("none", QUERY))
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00\x01garbage" * 100)
@@ -206,10 +209,10 @@ def test_load_errors(model, tmp_path):
 
 def test_build_random_errors(tmp_path):
     with pytest.raises(InputError) as ei:
-        vl.build_random("video-llava-tiny", device="cpu", dtype=torch.float32, tokenizer_path=tmp_path / "no.model")
+        build_random("video-llava-tiny", device="cpu", dtype=torch.float32, tokenizer=tmp_path / "no.model")
     assert "no.model" in str(ei.value)
     with pytest.raises(ValueError, match="video-llava-tiny"):
-        vl.build_random("video-llava-13b", device="cpu", dtype=torch.float32, tokenizer_path=TOKENIZER)
+        build_random("video-llava-13b", device="cpu", dtype=torch.float32, tokenizer=TOKENIZER)
 
 
 def test_saved_tiny_checkpoint_round_trip(model, prepared, clip, tmp_path):

@@ -11,7 +11,7 @@ and the engines' shared contract (:mod:`~stagewise.engine.base`) sit beside them
 
 from __future__ import annotations
 
-from typing import Any
+from transformers import LlamaForCausalLM
 
 from stagewise.engine.fast import FastEngine, FastOptions
 from stagewise.engine.hf import HFEngine, HFOptions
@@ -20,7 +20,7 @@ ENGINES: dict[str, tuple[type, type]] = {"hf": (HFEngine, HFOptions), "fast": (F
 """Engine name -> (engine class, its options class)."""
 
 
-def make_engine(name: str, lm: Any, options: HFOptions | FastOptions | None = None) -> HFEngine | FastEngine:
+def make_engine(name: str, lm: LlamaForCausalLM, options: HFOptions | FastOptions | None = None) -> HFEngine | FastEngine:
     """Build the engine called ``name`` over the ``LlamaForCausalLM`` ``lm``.
 
     Args:

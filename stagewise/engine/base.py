@@ -72,6 +72,11 @@ class Engine(Protocol):
     warmup_ms: float
     sampling: SamplingParams
 
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step streams on this device (MBU is computed on it)."""
+        ...
+
     def prefill(self, inputs_embeds: torch.Tensor, lengths: Sequence[int], seeds: Sequence[int] | None = None) -> PrefillOutput:
         """Run the LM over ``inputs_embeds`` ``[B, S, D]`` (model dtype, left-padded; row ``b``
         holds ``lengths[b]`` real tokens), fill the KV cache, return the first token. ``seeds``:

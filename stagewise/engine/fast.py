@@ -63,11 +63,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from stagewise.engine.base import DecodeOutput, PrefillOutput, count_until_eos, left_pad_positions, padding_mask
+from stagewise.engine.base import (
+    DecodeOutput,
+    PrefillOutput,
+    count_until_eos,
+    left_pad_positions,
+    padding_mask,
+)
 from stagewise.engine.layers import (
     STATIC_ROPE_TYPES,
     Dims,
@@ -85,7 +93,19 @@ from stagewise.engine.layers import (
     step_in,
 )
 from stagewise.engine.parallel import TensorParallel, TPCollectives, make_collectives, shard_layer
-from stagewise.engine.sampling import GREEDY, SamplingParams, draw_tokens, gumbel_noise, select_tokens
+from stagewise.engine.quant import (
+    QuantizedWeight,
+    QuantOptions,
+    quantize_cached,
+    streamed_bytes,
+)
+from stagewise.engine.sampling import (
+    GREEDY,
+    SamplingParams,
+    draw_tokens,
+    gumbel_noise,
+    select_tokens,
+)
 from stagewise.measure.timing import StepTimer
 from stagewise.models.weights import fuse_linears
 
@@ -113,9 +133,17 @@ class FastOptions:
             CUDA; adds ~15 s of compile, saved ~1.1 ms/token at batch 1 on an H100).
         time_steps: record per-step CUDA events (ITL).
         sampling: greedy (default) or sampling on the device.
+        quantize: weight-only quantization of the decoder's linear layers
+            (:class:`~stagewise.engine.quant.QuantOptions`), or ``None``.
+        extend_matvec: batch-1 :meth:`FastEngine.extend` projections (a speculative verify step's
+            ``k + 1`` rows) as compiler-generated reductions that stream each weight row once for
+            all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
+            ``compile`` (eagerly it materializes ``[N, rows, K]``). Off by default until measured
+            faster on the GPU (``benchmarks/speculative.py`` times both).
         tensor_parallel: split the decoder over the ranks of a process group
             (:class:`~stagewise.engine.parallel.TensorParallel`); ``None``: one device. Every
-            rank builds the engine and makes the same calls in the same order.
+            rank builds the engine and makes the same calls in the same order. Not with
+            ``quantize`` yet.
 
     Raises:
         ValueError: a field out of range (named).
@@ -132,6 +160,8 @@ class FastOptions:
     autotune: bool | None = None
     time_steps: bool = True
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
+    quantize: QuantOptions | None = None
+    extend_matvec: bool = False
     tensor_parallel: TensorParallel | None = None
 
     def __post_init__(self) -> None:
@@ -141,12 +171,14 @@ class FastOptions:
             raise ValueError(f"max_seq: must be >= 2, got {self.max_seq}")
         if self.kv_bucket < 1 or self.check_every < 1:
             raise ValueError(f"kv_bucket ({self.kv_bucket}) and check_every ({self.check_every}) must be >= 1")
+        if self.quantize is not None and self.tensor_parallel is not None and self.tensor_parallel.size > 1:
+            raise ValueError("tensor_parallel: quantized weights are not sharded yet; use one of quantize or tensor parallelism")
 
 
 class PrefillGraph(NamedTuple):
     """A captured prefill: copy the prompt into ``embeds`` / ``mask``, replay, read ``logits``."""
 
-    graph: Any  # torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph
     embeds: torch.Tensor  # [B, S, D]
     mask: torch.Tensor  # [B, S] bool
     logits: torch.Tensor  # [B, V] fp32
@@ -201,9 +233,8 @@ def _raise_recompile_limit(n: int = 64) -> None:
     """One compiled function serves decode (per batch size), extend (per k) and prefill shapes:
     allow that many specializations (dynamo's default of 8 would silently fall back to eager)."""
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < n:
-            setattr(cfg, name, n)
+    cfg.recompile_limit = max(cfg.recompile_limit, n)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n)  # 256 by default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +260,7 @@ class FastEngine:
     name = "fast"
 
     @_plain_no_grad
-    def __init__(self, lm: Any, options: FastOptions = FastOptions()) -> None:
+    def __init__(self, lm: LlamaForCausalLM, options: FastOptions = FastOptions()) -> None:
         cfg = lm.config
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"fast engine: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
@@ -286,7 +317,10 @@ class FastEngine:
             self.reduce = self.tp.reduce
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
-        self.lm_head = lm.lm_head.weight.detach()  # the embedding itself when tied
+        self.lm_head: torch.Tensor | QuantizedWeight = lm.lm_head.weight.detach()  # the embedding itself when tied
+        self.quant_info: dict[str, object] | None = None
+        if options.quantize is not None:
+            self._quantize(options.quantize)
 
         if self.compiled:
             _raise_recompile_limit()
@@ -314,6 +348,34 @@ class FastEngine:
         self.max_seq = 0
         self.setup(options.max_batch, options.max_seq or cfg.max_position_embeddings)
 
+    def _quantize(self, q: QuantOptions) -> None:
+        """Replace the decoder's projection weights (and the LM head) by quantized copies; the HF
+        model keeps its own weights. Records what was applied in ``quant_info``."""
+        names = ("wqkv", "wo", "w_gate_up", "w_down")
+        dense = {f"layers.{i}.{n}": getattr(w, n) for i, w in enumerate(self.layers) for n in names}
+        if q.lm_head:
+            dense["lm_head"] = self.lm_head
+        qw, info = quantize_cached(dense, q.kind, group_size=q.group_size, cache_dir=q.cache_dir,
+                                   decode_impl=q.decode_impl, prefill_impl=q.prefill_impl)
+        self.layers = [w._replace(**{n: qw[f"layers.{i}.{n}"] for n in names}) for i, w in enumerate(self.layers)]
+        if q.lm_head:
+            self.lm_head = qw["lm_head"]
+        sample = qw["layers.0.wqkv"]
+        info["decode_kernel"] = sample.effective_impl(self.device, decode=True, compiling=self.compiled)
+        info["prefill_kernel"] = sample.effective_impl(self.device, decode=False, compiling=self.compiled)
+        info["lm_head"] = q.lm_head
+        self.quant_info = info
+
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step streams: every layer's norms and projections (packed
+        codes and scales when quantized), the final norm and the LM head (the embedding lookup reads
+        one row per token and is not counted), as stored on this rank."""
+        tensors: list[torch.Tensor | QuantizedWeight | None] = [self.norm_w, self.lm_head]
+        for w in self.layers:
+            tensors += list(w)
+        return streamed_bytes(tensors)
+
     # ------------------------------------------------------------------------------------------
     # Allocation and warm-up
 
@@ -338,6 +400,7 @@ class FastEngine:
         self._decoded_id = 0  # which prefill was last decoded (each can be decoded once)
         self._live_batch = 0  # rows of the live prefill
         self._cur = 0  # host copy of buf.slot: the next free cache slot
+        self._prompt_end = 0  # slots the live prompt fills (rewind stops there)
         cache_shape = (d.n_layers, max_batch, d.n_kv_heads, max_seq, d.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first
         self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=dev)
@@ -439,6 +502,7 @@ class FastEngine:
         b.logits[:B].copy_(logits)
         self._prefill_id += 1
         self._live_batch, self._cur = B, S
+        self._prompt_end = S
         return PrefillOutput(nxt, logits, B, S, handle=self._prefill_id)
 
     def _prefill_layers(self, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -597,6 +661,66 @@ class FastEngine:
         return self._cur
 
     # ------------------------------------------------------------------------------------------
+    # Speculative decoding support (driven by stagewise.engine.speculative): claim a prefill for
+    # an extend/advance loop, roll a draft model back, capture the extend graphs ahead of time
+
+    def claim(self, prefill: PrefillOutput, max_new_tokens: int) -> tuple[int, int]:
+        """Take ``prefill`` for a decode driven through :meth:`extend` / :meth:`advance` (what
+        :meth:`decode` does first): it is then consumed like a decoded one.
+
+        Returns:
+            ``(B, S)``: its batch and padded prompt length.
+
+        Raises:
+            ValueError: a stale ``prefill``, ``max_new_tokens < 1``, or more tokens than the cache holds.
+        """
+        return self._claim(prefill, max_new_tokens)
+
+    @_plain_no_grad
+    def rewind(self, n: int) -> None:
+        """Drop the last ``n`` kept tokens by position (the inverse of :meth:`advance`; their K/V
+        stays, hidden until overwritten): a draft model's rollback after a verify step.
+
+        Raises:
+            ValueError: ``n`` negative or reaching into the prompt.
+        """
+        if n < 0 or self._cur - n < self._prompt_end:
+            raise ValueError(f"fast engine: cannot rewind {n} slots from {self._cur} (prompt ends at {self._prompt_end})")
+        self.buf.pos.sub_(n)
+        self.buf.slot.sub_(n)
+        self._cur -= n
+
+    @_plain_no_grad
+    def warmup_extend(self, prompt_len: int, max_new_tokens: int, sizes: Sequence[int]) -> None:
+        """Compile and capture the batch-1 :meth:`extend` steps of ``sizes`` fed tokens for every
+        KV bucket a run of ``prompt_len`` prompt slots and ``max_new_tokens`` new tokens reaches
+        (a speculative verify step feeds ``k + 1``; a draft model 1 or 2). Time goes to
+        ``warmup_ms``; leaves no live prefill. A no-op when neither compiling nor capturing.
+
+        Raises:
+            ValueError: a size outside ``1..MAX_EXTEND``, or a prompt that leaves no room for it.
+        """
+        if any(not 1 <= S <= MAX_EXTEND for S in sizes):
+            raise ValueError(f"fast engine: extend sizes must be in 1..{MAX_EXTEND}, got {list(sizes)}")
+        if prompt_len + max(sizes, default=0) > self.max_seq:
+            raise ValueError(f"fast engine: a prompt of {prompt_len} slots leaves no room for extend sizes {list(sizes)}")
+        if not (self.compiled or self.use_graphs):
+            return
+        with _counted(self):
+            embeds = 0.02 * torch.randn(1, prompt_len, self.dims.hidden, device=self.device, dtype=self.dtype)
+            self.prefill(embeds, [prompt_len])
+            top = min(prompt_len + max_new_tokens + max(sizes), self.max_seq)  # slots a run can touch
+            for S in sizes:
+                for L in sorted({self._bucket(cur + S - 1) for cur in range(prompt_len, top - S + 1)}):
+                    key = ("extend", 1, S, L)
+                    if not self.use_graphs:
+                        self._extend_step(1, S, L)  # compiles this shape
+                    elif key not in self._graphs:
+                        self._capture_key(key)
+            self._prefill_id += 1  # the warm-up prefill is gone
+            self._live_batch = 0
+
+    # ------------------------------------------------------------------------------------------
     # Steps and their graphs
 
     def _step(self, key: tuple) -> None:
@@ -625,16 +749,16 @@ class FastEngine:
     def _extend_step(self, B: int, S: int, length: int) -> None:
         """``S`` fed tokens per row at slots ``[slot, slot + S)``, attending to ``length`` slots;
         logits into ``ext_logits``. Static buffers only (graph-capturable)."""
-        d = self.dims
+        d, mv = self.dims, self.options.extend_matvec and B == 1
         buf, kvs = self._batch_views(B)
         x, rope, bias = self._step_in(buf.ext_tokens[:, :S], buf.pos, buf.slot, buf.pad_bias[:, :length],
                                       self.embed, self.rope_table, group=d.group)
         slots = buf.slot + self._arange[:S]  # [S]
         for w, kv in zip(self.layers, kvs):
-            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=False)
+            q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=mv)
             attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
-            x = self._decode_out(x, attn, w, dims=d, matvec=False, reduce=self.reduce)
-        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=False))
+            x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
+        buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
     def _all_done(self, B: int) -> bool:
         """Every row has produced EOS (one host read); under tensor parallelism on every rank, so
@@ -744,7 +868,7 @@ class FastEngine:
         return B, S
 
 
-def _layer_weights(layer: Any) -> LayerWeights:
+def _layer_weights(layer: LlamaDecoderLayer) -> LayerWeights:
     """One HF decoder layer's weights as :class:`LayerWeights` (q/k/v and gate/up fused in place)."""
     a, m = layer.self_attn, layer.mlp
     wqkv, bqkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj])

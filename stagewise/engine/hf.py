@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
-from stagewise.engine.base import DecodeOutput, PrefillOutput, count_until_eos, left_pad_positions, padding_mask
+from stagewise.engine.base import (
+    DecodeOutput,
+    PrefillOutput,
+    count_until_eos,
+    left_pad_positions,
+    padding_mask,
+)
 from stagewise.engine.sampling import GREEDY, SamplingParams, hf_warpers
 from stagewise.measure.timing import StepTimer
 
@@ -44,7 +49,7 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, lm: Any, options: HFOptions = HFOptions()) -> None:
+    def __init__(self, lm: LlamaForCausalLM, options: HFOptions = HFOptions()) -> None:
         self.lm = lm
         self.options = options
         self.sampling = options.sampling
@@ -54,6 +59,14 @@ class HFEngine:
 
     def warmup(self, prompt_len: int, max_new_tokens: int | None, batch_sizes: Sequence[int]) -> None:
         """Nothing to compile or capture (the reference runs eagerly)."""
+
+    @property
+    def weight_bytes_per_step(self) -> int:
+        """Weight bytes a decode step streams: every weight but the embedding, in the model dtype
+        (:func:`stagewise.measure.costmodel.llama_decode_weight_bytes`)."""
+        from stagewise.measure.costmodel import llama_decode_weight_bytes
+
+        return llama_decode_weight_bytes(self.lm.config, self.lm.lm_head.weight.element_size())
 
     def _pick(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``generate``'s token selection: argmax, or warp + softmax + ``torch.multinomial``."""

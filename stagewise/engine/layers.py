@@ -119,21 +119,30 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, matvec: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, *, matvec: bool, decode: bool) -> torch.Tensor:
     """``x @ w.T (+ b)`` with ``x: [..., K]``, ``w: [N, K]`` dense or quantized.
 
-    ``matvec`` marks the memory-bound case (one row per step, under ``torch.compile``): a dense
-    weight is then written as a multiply-and-sum that the compiler turns into one reduction kernel
-    streaming ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its loads
-    (eagerly it would materialize ``[N, K]``); otherwise cuBLAS. A quantized weight picks its own
-    decode (fused dequantization) or prefill kernel from the same flag. (Folding the RMSNorm
+    ``matvec`` (dense weights) marks the memory-bound case under ``torch.compile``: the weight is
+    then written as a multiply-and-sum that the compiler turns into one reduction kernel streaming
+    ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its loads (eagerly it
+    would materialize ``[N, K]``); with a few rows (``FastOptions.extend_matvec``, a verify step) the
+    same reduction is written weight-major so each weight row is read once for all rows; otherwise
+    cuBLAS. ``decode`` (quantized weights) picks the memory-bound kernel with fused dequantization
+    (a decode or verify step: few rows) over the prefill GEMM
+    (:meth:`stagewise.engine.quant.QuantizedWeight.linear`). (Folding the RMSNorm
     statistics into the same reduction, as ``rsqrt(mean(x^2)) * (w @ (ln * x))``, removes a kernel
     per norm but measured slower: the compiler then inlines the rescaling into the next projection's
     loads.)
     """
     if not isinstance(w, torch.Tensor):
-        return w.linear(x, b, decode=matvec)
-    if matvec:
+        return w.linear(x, b, decode=decode)
+    if matvec and x.shape[:-1].numel() > 1:
+        # a few rows (a verify step): built weight-major, [N, M], so that consecutive outputs share a
+        # weight row and the kernel streams each row once for all M rows; then transposed
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        y = (w.float()[:, None, :] * rows.float()[None]).sum(-1)  # [N, M]
+        y = y.t().reshape(*x.shape[:-1], -1).to(x.dtype)
+    elif matvec:
         y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
     else:
         y = F.linear(x, w)
@@ -147,11 +156,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _project_qkv(x: torch.Tensor, w: LayerWeights, dims: Dims, matvec: bool):
+def _project_qkv(x: torch.Tensor, w: LayerWeights, dims: Dims, matvec: bool, decode: bool):
     # x: [B, S, D] -> q: [B, S, H, hd], k, v: [B, S, Hkv, hd]
     B, S, _ = x.shape
     h = rms_norm(x, w.ln1, dims.eps)
-    q, k, v = linear(h, w.wqkv, w.bqkv, matvec).split(dims.qkv_split, dim=-1)
+    q, k, v = linear(h, w.wqkv, w.bqkv, matvec=matvec, decode=decode).split(dims.qkv_split, dim=-1)
     return (
         q.view(B, S, dims.n_heads, dims.head_dim),
         k.view(B, S, dims.n_kv_heads, dims.head_dim),
@@ -159,17 +168,17 @@ def _project_qkv(x: torch.Tensor, w: LayerWeights, dims: Dims, matvec: bool):
     )
 
 
-def _out_and_mlp(x, attn, w: LayerWeights, dims: Dims, matvec: bool, reduce: Reduce) -> torch.Tensor:
+def _out_and_mlp(x, attn, w: LayerWeights, dims: Dims, matvec: bool, decode: bool, reduce: Reduce) -> torch.Tensor:
     # x: [B, S, D] residual stream; attn: [B, S, H hd]. Row-parallel projections end in ``reduce``;
     # a bias is added once, after the reduction.
-    x = x + _row_parallel(attn, w.wo, w.bo, matvec, reduce)
+    x = x + _row_parallel(attn, w.wo, w.bo, matvec, decode, reduce)
     h = rms_norm(x, w.ln2, dims.eps)
-    gate, up = linear(h, w.w_gate_up, w.b_gate_up, matvec).chunk(2, dim=-1)  # [B, S, I] each
-    return x + _row_parallel(F.silu(gate) * up, w.w_down, w.b_down, matvec, reduce)
+    gate, up = linear(h, w.w_gate_up, w.b_gate_up, matvec=matvec, decode=decode).chunk(2, dim=-1)  # [B, S, I] each
+    return x + _row_parallel(F.silu(gate) * up, w.w_down, w.b_down, matvec, decode, reduce)
 
 
-def _row_parallel(x, w: Weight, b: torch.Tensor | None, matvec: bool, reduce: Reduce) -> torch.Tensor:
-    y = reduce(linear(x, w, None, matvec))
+def _row_parallel(x, w: Weight, b: torch.Tensor | None, matvec: bool, decode: bool, reduce: Reduce) -> torch.Tensor:
+    y = reduce(linear(x, w, None, matvec=matvec, decode=decode))
     return y if b is None else y + b
 
 
@@ -188,7 +197,7 @@ def prefill_in(x, w: LayerWeights, rope, kv, *, dims: Dims) -> torch.Tensor:
     Returns:
         q: ``[B, H, S, hd]``.
     """
-    q, k, v = _project_qkv(x, w, dims, matvec=False)
+    q, k, v = _project_qkv(x, w, dims, matvec=False, decode=False)
     cos, sin = rope
     kv[0].copy_(apply_rope(k.transpose(1, 2), cos, sin))
     kv[1].copy_(v.transpose(1, 2))
@@ -198,12 +207,12 @@ def prefill_in(x, w: LayerWeights, rope, kv, *, dims: Dims) -> torch.Tensor:
 def prefill_out(x, attn, w: LayerWeights, *, dims: Dims, reduce: Reduce = no_reduce) -> torch.Tensor:
     """Rest of the layer over a prompt. attn: ``[B, H, S, hd]`` -> new x ``[B, S, D]``."""
     B, _, S, _ = attn.shape
-    return _out_and_mlp(x, attn.transpose(1, 2).reshape(B, S, -1), w, dims, False, reduce)
+    return _out_and_mlp(x, attn.transpose(1, 2).reshape(B, S, -1), w, dims, False, False, reduce)
 
 
 def prefill_head(x, norm_w, lm_head: Weight, *, dims: Dims) -> torch.Tensor:
     """Final norm and LM head at the last prompt position. x: ``[B, S, D]`` -> ``[B, V]`` fp32."""
-    return linear(rms_norm(x[:, -1], norm_w, dims.eps), lm_head, None, False).float()
+    return linear(rms_norm(x[:, -1], norm_w, dims.eps), lm_head, None, matvec=False, decode=False).float()
 
 
 def attend_prefill(q, kv, mask: torch.Tensor | None, group: int) -> torch.Tensor:
@@ -235,7 +244,7 @@ def decode_in(x, w: LayerWeights, rope, kv, slots, *, dims: Dims, matvec: bool) 
         ``g * S + s`` of KV head ``kv``).
     """
     B, S, _ = x.shape
-    q, k, v = _project_qkv(x, w, dims, matvec)
+    q, k, v = _project_qkv(x, w, dims, matvec, True)
     cos, sin = rope
     kv[0].index_copy_(2, slots, apply_rope(k.transpose(1, 2), cos, sin))  # [B, Hkv, S, hd]
     kv[1].index_copy_(2, slots, v.transpose(1, 2))
@@ -257,7 +266,7 @@ def decode_out(x, attn, w: LayerWeights, *, dims: Dims, matvec: bool, reduce: Re
     """Rest of the layer for ``S`` new tokens. attn: ``[B, Hkv, G * S, hd]`` -> new x ``[B, S, D]``."""
     B, S = x.shape[:2]
     a = attn.view(B, dims.n_kv_heads, dims.group, S, dims.head_dim).permute(0, 3, 1, 2, 4)  # [B, S, Hkv, G, hd]
-    return _out_and_mlp(x, a.reshape(B, S, -1), w, dims, matvec, reduce)
+    return _out_and_mlp(x, a.reshape(B, S, -1), w, dims, matvec, True, reduce)
 
 
 def step_in(tokens, pos, slot, pad_bias, embed, rope_table, *, group: int):
@@ -293,4 +302,4 @@ def step_in(tokens, pos, slot, pad_bias, embed, rope_table, *, group: int):
 
 def head(x, norm_w, lm_head: Weight, *, dims: Dims, matvec: bool) -> torch.Tensor:
     """Final norm and LM head over new tokens. x: ``[B, S, D]`` -> logits ``[B, S, V]`` fp32."""
-    return linear(rms_norm(x, norm_w, dims.eps), lm_head, None, matvec).float()
+    return linear(rms_norm(x, norm_w, dims.eps), lm_head, None, matvec=matvec, decode=True).float()

@@ -62,11 +62,14 @@ import itertools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stagewise.engine.layers import Dims, LayerWeights, Reduce
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 ALL_REDUCES = ("auto", "nccl", "gloo", "symm_mem")
 """Names accepted by :attr:`TensorParallel.all_reduce`."""
@@ -97,7 +100,7 @@ class TensorParallel:
 
     size: int
     rank: int
-    group: Any = None
+    group: ProcessGroup | None = None
     all_reduce: str = "auto"
     one_shot_max_bytes: int = DEFAULT_ONE_SHOT_MAX_BYTES
 
@@ -112,7 +115,7 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel.one_shot_max_bytes: must be >= 1, got {self.one_shot_max_bytes}")
 
     @classmethod
-    def from_group(cls, group: Any = None, *, all_reduce: str = "auto", one_shot_max_bytes: int = DEFAULT_ONE_SHOT_MAX_BYTES) -> "TensorParallel":
+    def from_group(cls, group: ProcessGroup | None = None, *, all_reduce: str = "auto", one_shot_max_bytes: int = DEFAULT_ONE_SHOT_MAX_BYTES) -> "TensorParallel":
         """Split over all ranks of ``group`` (default: the default group), which must be initialized.
 
         Raises:
@@ -199,7 +202,7 @@ class _Impl:
     """What a custom-op call needs (looked up by key: an op argument must be a plain value)."""
 
     name: str
-    group: Any
+    group: ProcessGroup | None
     buffer: torch.Tensor | None = None  # symm_mem: this rank's registered buffer, 1-D
     group_name: str = ""
     copy_fused: bool = False  # one_shot_all_reduce_copy_out available (copy into the buffer in-kernel)

@@ -102,3 +102,27 @@ class StepTimer:
         if self.device.type == "cuda":
             return [a.elapsed_time(b) for a, b in zip(m[:-1], m[1:])]
         return [(b - a) * 1e3 for a, b in zip(m[:-1], m[1:])]
+
+
+def time_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float], object]:
+    """Wall time of ``fn()`` with a device synchronization on both sides (benchmarks).
+
+    Args:
+        fn: the work; its result of the last call is returned.
+        device: the device whose queued work is included.
+        repeats: measured calls; warmup: unmeasured calls first.
+
+    Returns:
+        ``(median ms, every ms, last result)``.
+    """
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        device_sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        device_sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], times, out

@@ -1,29 +1,44 @@
-"""Prompts and the LLaMA SentencePiece tokenizer, with EventGPT's ``<event>`` splice.
+"""Stage 2, the text half: prompt templates, the LLaMA tokenizer, and the vision placeholder.
 
-EventGPT (conversation mode ``eventgpt_v1``, Vicuna v1 style) builds
+One tokenizer for every family: ``transformers``' ``LlamaTokenizer``, loaded from a checkpoint folder
+(its ``tokenizer_config.json`` settings and added tokens honoured: ``legacy``, ``add_bos_token``...)
+or from a bare SentencePiece ``tokenizer.model`` (then with the settings the released models were
+run with: ``legacy=True``, BOS added). The family's own special tokens are added on top when the
+checkpoint does not already carry them (EventGPT's ``<ev_patch>``, LLaVA's ``<image>``...).
 
-    {system} USER: <ev_start><event><ev_end>\\n{query} ASSISTANT:
+Two ways a prompt becomes ids, each the one its authors' code uses:
 
-splits it on ``<event>``, tokenizes each piece with the slow (SentencePiece) LLaMA
-tokenizer, and joins the pieces with the placeholder id -200 (``EVENT_TOKEN_INDEX``)
-where the vision embeddings go; only the first piece keeps its BOS
-(``../shared/spec/EVENTGPT.md``; the same join as LLaVA's ``tokenizer_image_token``).
+* **split** (EventGPT, ``tokenizer_event_token`` in ``common/common.py`` of XduSyL/EventGPT): the text
+  is split on ``<event>``; each piece is tokenized on its own (``tokenizer(piece).input_ids``, so each
+  gets a BOS and SentencePiece's dummy-prefix space); the pieces are joined with the placeholder id
+  -200; only the first piece keeps its BOS.
+* **whole** (the llava-hf processors): the whole text is tokenized once, the placeholder being an
+  added special token (``<image>`` / ``<video>``), and BOS is prepended.
 
-The tokenizer here is SentencePiece itself with the slow tokenizer's semantics: text is
-split on the added special tokens first, and every other piece is encoded on its own
-(SentencePiece adds its dummy-prefix space to each). This is what ``transformers``'
-slow ``LlamaTokenizer`` (legacy mode) did for the released model.
+EventGPT's released template (``eventgpt_v1``, ``dataset/conversation.py``) always writes
+``<ev_start><event><ev_end>`` into the text. When ``mm_use_im_start_end`` is false (the released
+EventGPT-7B) the wrappers are not added tokens and are tokenized as ordinary text
+(``▁< ev _ start >``): with the LLaMA-2 tokenizer and the default query that is 60 ids, the 641-token
+prefill the seeds report. When it is true they are single added ids.
+
+The placeholder's position is known here, on the host, so the splice in stage 4 needs no
+device-to-host read.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import sentencepiece as spm
+from typing import TYPE_CHECKING
 
 from stagewise.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EVENTGPT_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -34,137 +49,160 @@ EVENT_TOKEN_INDEX = -200
 EV_PATCH, EV_START, EV_END = "<ev_patch>", "<ev_start>", "<ev_end>"
 DEFAULT_QUERY = "What are the key elements in this scene?"
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny_llama_sp.model"
+"""A 977-piece LLaMA-style SentencePiece model (BPE, byte fallback, BOS 1, EOS 2) shipped with
+stagewise, so the tiny presets run with no download (``scripts/make_tiny_tokenizer.py``)."""
+
+EVENTGPT_MAX_EMBEDS = 2048
+"""EventGPT's reference cuts the spliced input embeddings at 2048 positions
+(``tokenizer_model_max_length = 2048`` in ``prepare_inputs_labels_for_multimodal``)."""
 
 
-def eventgpt_prompt(query: str, use_start_end: bool = True) -> str:
-    """The ``eventgpt_v1`` prompt for ``query`` (``<event>`` marks the vision tokens)."""
-    ev = f"{EV_START}{EVENT_TOKEN}{EV_END}" if use_start_end else EVENT_TOKEN
-    return f"{EVENTGPT_SYSTEM} USER: {ev}\n{query} ASSISTANT:"
+def eventgpt_prompt(query: str) -> str:
+    """The ``eventgpt_v1`` prompt for ``query``: the wrappers are always written (see module docstring)."""
+    return f"{EVENTGPT_SYSTEM} USER: {EV_START}{EVENT_TOKEN}{EV_END}\n{query} ASSISTANT:"
 
 
 def eventgpt_added_tokens(use_patch_token: bool, use_start_end: bool) -> list[str]:
-    """Special tokens EventGPT adds to the tokenizer, in the order they get ids 32000+."""
+    """Special tokens EventGPT adds to the tokenizer, in the order they get ids (``initialize_vision_tokenizer``)."""
     toks = [EV_PATCH] if use_patch_token else []
     if use_start_end:
         toks += [EV_START, EV_END]
     return toks
 
 
-class SPTokenizer:
-    """LLaMA SentencePiece tokenizer (slow semantics) plus added special tokens.
-
-    Args:
-        model_file: a SentencePiece ``tokenizer.model``.
-        added_tokens: ``{token: id}`` of added special tokens (ids >= the base vocab).
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a family turns a query into prompt ids.
 
     Attributes:
-        bos_token_id, eos_token_id: from the SentencePiece model (LLaMA: 1, 2).
-        vocab_size: base pieces + added tokens.
+        template: the text with ``{query}``; holds ``marker`` exactly once.
+        marker: where the vision embeddings go (``<event>``, ``<image>``, ``<video>``).
+        split: tokenize piece by piece around the marker (EventGPT) instead of the whole text (llava-hf).
+        placeholder: the id standing for the vision embeddings in ``split`` mode (-200); in ``whole``
+            mode the marker's own token id is used.
+        max_embeds: the reference cuts the spliced embeddings at this length (EventGPT: 2048), or
+            ``None``: prompts longer than the LM's positions are refused.
 
     Raises:
-        InputError: the model file is missing or not a SentencePiece model.
+        ValueError: a template without exactly one marker or without ``{query}``.
     """
 
-    def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None) -> None:
-        model_file = Path(model_file)
-        if not model_file.is_file():
-            raise InputError(model_file, "tokenizer model not found (pass --tokenizer PATH to a LLaMA tokenizer.model)")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.load(str(model_file))
-        except (OSError, RuntimeError) as e:
-            raise InputError(model_file, f"not a SentencePiece model ({e})") from None
-        self.model_file = model_file
-        self.bos_token_id = int(self.sp.bos_id())
-        self.eos_token_id = int(self.sp.eos_id())
-        self.added: dict[str, int] = dict(added_tokens or {})
-        self._id_to_added = {v: k for k, v in self.added.items()}
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")") if self.added else None
+    template: str
+    marker: str
+    split: bool
+    placeholder: int = EVENT_TOKEN_INDEX
+    max_embeds: int | None = None
 
-    @property
-    def vocab_size(self) -> int:
-        """Pieces + added tokens (the LM's embedding rows must be at least this many)."""
-        return max([self.sp.get_piece_size() - 1, *self.added.values()]) + 1
+    def __post_init__(self) -> None:
+        if self.template.count(self.marker) != 1 or "{query}" not in self.template:
+            raise ValueError(f"template: needs one {self.marker!r} and a {{query}}, got {self.template!r}")
 
-    def add_tokens(self, tokens: list[str]) -> None:
-        """Append special tokens not yet present, with the next free ids."""
-        for t in tokens:
-            if t not in self.added:
-                self.added[t] = self.vocab_size
-        self.__init__(self.model_file, self.added)
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Text -> ids: split on added tokens, SentencePiece-encode every other piece."""
-        ids = [self.bos_token_id] if add_bos else []
-        pieces = self._split.split(text) if self._split else [text]
-        for piece in pieces:
-            if not piece:
-                continue
-            if piece in self.added:
-                ids.append(self.added[piece])
-            else:
-                ids.extend(self.sp.encode(piece))
-        return ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Ids -> text. Added tokens, BOS/EOS and negative placeholders are skipped when asked."""
-        out: list[str] = []
-        run: list[int] = []
-        base = self.sp.get_piece_size()
-        for i in ids:
-            if i in self._id_to_added or i < 0 or i >= base:
-                if run:
-                    out.append(self.sp.decode(run))
-                    run = []
-                if not skip_special_tokens and i in self._id_to_added:
-                    out.append(self._id_to_added[i])
-            elif skip_special_tokens and i in (self.bos_token_id, self.eos_token_id):
-                continue
-            else:
-                run.append(i)
-        if run:
-            out.append(self.sp.decode(run))
-        return "".join(out).strip()
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> "SPTokenizer":
-        """Load ``tokenizer.model`` and its added tokens from a checkpoint folder.
-
-        Added tokens come from ``added_tokens.json`` or, failing that, from
-        ``tokenizer_config.json``'s ``added_tokens_decoder`` (ids >= 32000 only).
-
-        Raises:
-            InputError: no ``tokenizer.model`` in the folder, or an unreadable json.
-        """
-        folder = Path(folder)
-        added: dict[str, int] = {}
-        f = folder / "added_tokens.json"
-        try:
-            if f.is_file():
-                added = {k: int(v) for k, v in json.loads(f.read_text()).items()}
-            elif (folder / "tokenizer_config.json").is_file():
-                f = folder / "tokenizer_config.json"
-                dec = json.loads(f.read_text()).get("added_tokens_decoder", {})
-                added = {v["content"]: int(k) for k, v in dec.items() if int(k) >= 32000}
-        except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-            raise InputError(f, f"unreadable tokenizer config ({e})") from None
-        return cls(folder / "tokenizer.model", added)
+    def text(self, query: str) -> str:
+        """The prompt text for ``query``."""
+        return self.template.replace("{query}", query)
 
 
-def tokenize_with_placeholder(prompt: str, tok: SPTokenizer, marker: str = EVENT_TOKEN, index: int = EVENT_TOKEN_INDEX) -> list[int]:
-    """Tokenize ``prompt`` with ``index`` standing for each ``marker`` (EventGPT/LLaVA join).
+EVENTGPT_FORMAT = PromptFormat(eventgpt_prompt("{query}"), EVENT_TOKEN, split=True, max_embeds=EVENTGPT_MAX_EMBEDS)
 
-    Every piece between markers is tokenized with BOS; the first piece keeps it, the
-    others drop it; the pieces are joined with ``index``.
+
+def load_tokenizer(source: str | Path | None, added: Sequence[str] = (), *, fallback: Path | None = None) -> PreTrainedTokenizerBase:
+    """A ``transformers`` ``LlamaTokenizer`` with ``added`` special tokens.
+
+    Args:
+        source: a checkpoint folder (``tokenizer.model`` + ``tokenizer_config.json`` and friends, its
+            settings honoured), a bare ``tokenizer.model`` file, or a folder holding only that file;
+            ``None``: ``fallback``.
+        added: special tokens to add (in order, next free ids) unless the tokenizer has them already.
+        fallback: the tokenizer file used when ``source`` is None.
 
     Returns:
-        token ids (int), ``index`` where the vision embeddings go.
+        the tokenizer; ``tok.bos_token_id`` is what every encoding starts with (checked).
+
+    Raises:
+        InputError: no tokenizer at ``source`` (one line naming it), or a file that is not a
+            SentencePiece model.
     """
-    chunks = [tok.encode(c, add_bos=True) for c in prompt.split(marker)]
-    ids = [chunks[0][0]] if chunks and chunks[0] and chunks[0][0] == tok.bos_token_id else []
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    path = Path(source) if source is not None else fallback
+    if path is None:
+        raise InputError(None, "no tokenizer: pass --tokenizer PATH (a LLaMA tokenizer.model or a checkpoint folder)")
+    if path.is_dir() and (path / "tokenizer_config.json").is_file() and any((path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        tok = _load(LlamaTokenizer, path, {})
+    else:
+        model_file = path / "tokenizer.model" if path.is_dir() else path
+        if not model_file.is_file():
+            raise InputError(model_file, "tokenizer model not found (pass --tokenizer PATH to a LLaMA tokenizer.model)")
+        _check_sentencepiece(model_file)
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copyfile(model_file, Path(d) / "tokenizer.model")
+            tok = _load(LlamaTokenizer, Path(d), {"legacy": True, "add_bos_token": True})
+        tok.init_kwargs["legacy"] = True  # saved to tokenizer_config.json: reloads the same
+    new = [t for t in added if t not in tok.get_vocab()]
+    if new:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
+    if tok("a").input_ids[:1] != [tok.bos_token_id]:  # transformers 5 was seen to drop BOS for bare models
+        raise InputError(path, "the tokenizer adds no BOS token; its tokenizer_config.json must set add_bos_token")
+    return tok
+
+
+def _load(cls: type[PreTrainedTokenizerBase], folder: Path, kwargs: dict[str, object]) -> PreTrainedTokenizerBase:
+    try:
+        return cls.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as e:
+        raise InputError(folder, f"unreadable tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def _check_sentencepiece(model_file: Path) -> None:
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as e:
+        raise InputError(model_file, f"not a SentencePiece model ({' '.join(str(e).split())[:200]})") from None
+
+
+def tokenize_prompt(fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, query: str) -> tuple[list[int], int]:
+    """Prompt ids for ``query`` and the placeholder's position, as the family's authors build them.
+
+    Returns:
+        ``(ids, index)``: ``ids[index]`` is the placeholder (``fmt.placeholder`` in split mode, the
+        marker's token id in whole mode); exactly one placeholder; BOS first.
+
+    Raises:
+        InputError: the query itself contains the marker.
+    """
+    if fmt.marker in query:
+        raise InputError(None, f"the query must not contain {fmt.marker!r}")
+    text = fmt.text(query)
+    if fmt.split:
+        ids = tokenize_with_placeholder(text, tokenizer, fmt.marker, fmt.placeholder)
+        placeholder = fmt.placeholder
+    else:
+        placeholder = tokenizer.convert_tokens_to_ids(fmt.marker)
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    where = [i for i, t in enumerate(ids) if t == placeholder]
+    if len(where) != 1:  # internal invariant: the template holds the marker once
+        raise RuntimeError(f"prompt holds {len(where)} placeholders, not 1")
+    return ids, where[0]
+
+
+def tokenize_with_placeholder(text: str, tokenizer: PreTrainedTokenizerBase, marker: str = EVENT_TOKEN, index: int = EVENT_TOKEN_INDEX) -> list[int]:
+    """EventGPT's ``tokenizer_event_token``: every piece between markers tokenized with its BOS; the
+    first piece keeps it, the others drop it; the pieces joined with ``index``."""
+    chunks = [tokenizer(c).input_ids for c in text.split(marker)]
+    ids = [chunks[0][0]] if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id else []
     offset = len(ids)
     for k, chunk in enumerate(chunks):
         if k > 0:
             ids.append(index)
         ids.extend(chunk[offset:])
     return ids
+
+
+def decode_ids(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Generated ids -> text with ``transformers``' decoding (special tokens skipped; negative
+    placeholders and ids past the tokenizer's table dropped)."""
+    n = len(tokenizer)
+    return tokenizer.decode([i for i in ids if 0 <= i < n], skip_special_tokens=True).strip()

@@ -77,6 +77,19 @@ def render_event_image(events: np.ndarray, height: int, width: int) -> np.ndarra
     return np.take(colors, last, axis=0).reshape(height, width, 3)
 
 
+def part_sizes(events: np.ndarray, n_frames: int, sensor_size: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """The size of each event image: the sensor's ``(height, width)`` when known, else each part's own
+    extent ``(max(y) + 1, max(x) + 1)`` (the reference's rule, ``generate_event_image``). Both render
+    paths use this one rule, so they produce identical images.
+
+    Raises:
+        ValueError: ``n_frames < 1`` or fewer events than ``n_frames``.
+    """
+    if sensor_size is not None:
+        return [(int(sensor_size[0]), int(sensor_size[1]))] * n_frames
+    return [(int(part["y"].max()) + 1, int(part["x"].max()) + 1) for part in split_equal_count(events, n_frames)]
+
+
 def render_event_images(
     events: np.ndarray, n_frames: int = 5, sensor_size: tuple[int, int] | None = None
 ) -> list[np.ndarray]:
@@ -85,22 +98,19 @@ def render_event_images(
     Args:
         events: ``[N]`` ``EVENT_DTYPE`` array, ``N >= n_frames``.
         n_frames: number of parts / images (EventGPT: 5).
-        sensor_size: ``(height, width)``: every image has this size. ``None``: each
-            image is ``H = max(y) + 1``, ``W = max(x) + 1`` of its own part (the
-            reference's behaviour, so sizes may differ between images).
+        sensor_size: ``(height, width)``: every image has this size. ``None``: each image is
+            its own part's extent (:func:`part_sizes`; sizes may differ between images).
 
     Returns:
-        ``n_frames`` arrays ``[H, W, 3]`` uint8.
+        ``n_frames`` arrays ``[H_i, W_i, 3]`` uint8.
 
     Raises:
         ValueError: ``n_frames < 1``, fewer events than ``n_frames``, or events outside
             ``sensor_size``.
     """
     parts = split_equal_count(events, n_frames)
-    if sensor_size is not None:
-        height, width = int(sensor_size[0]), int(sensor_size[1])
-        return [render_event_image(part, height, width) for part in parts]
-    return [render_event_image(part, int(part["y"].max()) + 1, int(part["x"].max()) + 1) for part in parts]
+    sizes = part_sizes(events, n_frames, sensor_size)
+    return [render_event_image(part, h, w) for part, (h, w) in zip(parts, sizes)]
 
 
 def render_event_images_torch(
@@ -108,28 +118,25 @@ def render_event_images_torch(
     n_frames: int = 5,
     sensor_size: tuple[int, int] | None = None,
     device: str | torch.device = "cpu",
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """The event images of :func:`render_event_images`, computed with torch on ``device``.
 
-    Only ``x``, ``y`` (2 bytes each) and ``p`` (1 byte) per event are copied to the
-    device; the frame of each event follows from its index (equal-count split, last part
-    takes the remainder); one ``scatter_reduce(amax)`` of the event index over all
-    frames' pixels finds the last event per pixel; colours are gathered from a palette.
-    No host synchronization happens after the copies are queued.
+    Only ``x``, ``y`` (2 bytes each) and ``p`` (1 byte) per event are copied to the device; the
+    frame of each event follows from its index (equal-count split, last part takes the remainder);
+    ``scatter_reduce(amax)`` of the event index over the frames' pixels finds the last event per
+    pixel (order-independent, hence deterministic); colours are gathered from a palette. When all
+    images share one size (the sensor's, or parts of equal extent) one scatter serves all frames;
+    otherwise one per frame. No host synchronization happens after the copies are queued.
 
     Args:
         events: ``[N]`` ``EVENT_DTYPE`` host array, ``N >= n_frames``.
         n_frames: number of images.
-        sensor_size: ``(height, width)`` of every image. ``None``: all images share one
-            size so that they stack: ``H = max(y) + 1``, ``W = max(x) + 1`` over the whole
-            stream (the max over parts), which differs from the per-part sizes of
-            :func:`render_event_images` without ``sensor_size``. Pass the same
-            ``sensor_size`` to both to get identical images.
+        sensor_size: as :func:`render_event_images` (the same size rule, :func:`part_sizes`).
         device: the torch device to render on.
 
     Returns:
-        ``[n_frames, H, W, 3]`` uint8 tensor on ``device``; equal, pixel for pixel, to
-        ``np.stack(render_event_images(events, n_frames, (H, W)))``.
+        ``n_frames`` uint8 tensors ``[H_i, W_i, 3]`` on ``device``, equal pixel for pixel to
+        :func:`render_event_images` with the same arguments.
 
     Raises:
         ValueError: ``n_frames < 1``, fewer events than ``n_frames``, or events outside
@@ -143,29 +150,40 @@ def render_event_images_torch(
     x_np = np.ascontiguousarray(events["x"])
     y_np = np.ascontiguousarray(events["y"])
     p_np = np.ascontiguousarray(events["p"])
-    x_max, y_max = int(x_np.max()), int(y_np.max())  # host side: no device sync
-    if sensor_size is None:
-        height, width = y_max + 1, x_max + 1
-    else:
-        height, width = int(sensor_size[0]), int(sensor_size[1])
-        if x_max >= width or y_max >= height:
-            raise ValueError(f"event outside the {height}x{width} image (max x {x_max}, max y {y_max})")
+    sizes = part_sizes(events, n_frames, sensor_size)  # host side: no device sync
+    if sensor_size is not None:
+        x_max, y_max = int(x_np.max()), int(y_np.max())
+        if x_max >= sizes[0][1] or y_max >= sizes[0][0]:
+            raise ValueError(f"event outside the {sizes[0][0]}x{sizes[0][1]} image (max x {x_max}, max y {y_max})")
     device = torch.device(device)
 
     # uint16 travels as int16 bits (torch's uint16 support is partial); widen on the device.
     x = torch.from_numpy(x_np.view(np.int16)).to(device, non_blocking=True).to(torch.int64) & 0xFFFF  # [N]
     y = torch.from_numpy(y_np.view(np.int16)).to(device, non_blocking=True).to(torch.int64) & 0xFFFF  # [N]
     p = torch.from_numpy(p_np).to(device, non_blocking=True)  # [N] uint8
-
+    palette = torch.as_tensor(_PALETTE, device=device)  # [3, 3] uint8
     per = n // n_frames
-    idx = torch.arange(n, device=device, dtype=torch.int64)  # [N] event index = stream order
-    frame = torch.clamp(idx // per, max=n_frames - 1)  # [N]; the last part takes the remainder
+    if len(set(sizes)) == 1:
+        height, width = sizes[0]
+        idx = torch.arange(n, device=device, dtype=torch.int64)  # [N] event index = stream order
+        frame = torch.clamp(idx // per, max=n_frames - 1)  # [N]; the last part takes the remainder
+        images = _scatter_last(x, y, p, idx, frame, n_frames, height, width, palette)
+        return list(images.unbind(0))
+    out = []
+    for k, (height, width) in enumerate(sizes):
+        lo, hi = k * per, (n if k == n_frames - 1 else (k + 1) * per)
+        idx = torch.arange(hi - lo, device=device, dtype=torch.int64)
+        out.append(_scatter_last(x[lo:hi], y[lo:hi], p[lo:hi], idx, torch.zeros_like(idx), 1, height, width, palette)[0])
+    return out
+
+
+def _scatter_last(x, y, p, idx, frame, n_frames: int, height: int, width: int, palette) -> torch.Tensor:
+    """``[n_frames, H, W, 3]`` uint8: each pixel's colour from the last event (largest ``idx``) there."""
     lin = (frame * height + y) * width + x  # [N] index into [n_frames*H*W]
-    last = torch.full((n_frames * height * width,), -1, dtype=torch.int64, device=device)
+    last = torch.full((n_frames * height * width,), -1, dtype=torch.int64, device=x.device)
     last.scatter_reduce_(0, lin, idx, reduce="amax", include_self=True)  # [F*H*W] last event or -1
     hit = last >= 0
     code = torch.where(hit, 1 + (p[last.clamp(min=0)] != 0).to(torch.int64), 0)  # [F*H*W] in {0,1,2}
-    palette = torch.as_tensor(_PALETTE, device=device)  # [3, 3] uint8
     return palette[code].view(n_frames, height, width, 3)
 
 

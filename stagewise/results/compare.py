@@ -46,20 +46,21 @@ from stagewise.results.report import (
     load_run,
     md_table,
     plot_stage_shares,
+    requested,
 )
 
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare_stages.png"
 
-TIME_METRICS: tuple[str, ...] = tuple(f"{s}_ms" for s in STAGES) + ("e2e_ms", "ttft_ms", "tpot_ms")
+TIME_METRICS: tuple[str, ...] = tuple(f"{s}_ms" for s in STAGES) + ("e2el_ms", "ttft_ms", "tpot_ms")
 """Metrics compared with paired ratios (all ms)."""
 
 LENGTH_FIELDS: tuple[str, ...] = ("n_vision_tokens", "n_text_tokens", "n_prefill_tokens", "n_output_tokens",
                                   "kv_cache_bytes", "peak_gpu_mem_bytes")
 """Per-run means over the common samples (bytes fields are reported in MiB)."""
 
-_METRIC_LABEL = {**{f"{s}_ms": s for s in STAGES}, "e2e_ms": "e2e", "ttft_ms": "TTFT", "tpot_ms": "TPOT (per token)"}
+_METRIC_LABEL = {**{f"{s}_ms": s for s in STAGES}, "e2el_ms": "E2EL", "ttft_ms": "TTFT", "tpot_ms": "TPOT (per token)"}
 
 
 def _ok_number(x: Any) -> bool:
@@ -161,7 +162,7 @@ def _explain(base: dict[str, dict[str, float]], run: dict[str, dict[str, float]]
              ids: list[str]) -> dict[str, Any] | None:
     """Stage differences (run - baseline, ms) as shares of the e2e difference, over ``ids``
     where every stage and e2e were measured in both runs; ``None`` when there is none."""
-    need = [f"{s}_ms" for s in STAGES] + ["e2e_ms"]
+    need = [f"{s}_ms" for s in STAGES] + ["e2el_ms"]
     use = [i for i in ids if all(k in base[i] and k in run[i] for k in need)]
     if not use:
         return None
@@ -169,8 +170,8 @@ def _explain(base: dict[str, dict[str, float]], run: dict[str, dict[str, float]]
         return float(np.mean([d[i][k] for i in use]))
 
     d_stage = {s: mean(run, f"{s}_ms") - mean(base, f"{s}_ms") for s in STAGES}
-    e2e_base = mean(base, "e2e_ms")
-    d_e2e = mean(run, "e2e_ms") - e2e_base
+    e2e_base = mean(base, "e2el_ms")
+    d_e2e = mean(run, "e2el_ms") - e2e_base
     if abs(d_e2e) <= 1e-12 * max(1.0, abs(e2e_base)):
         d_e2e = 0.0  # identical runs: no difference to explain
     unattributed = d_e2e - sum(d_stage.values())
@@ -184,7 +185,7 @@ def _explain(base: dict[str, dict[str, float]], run: dict[str, dict[str, float]]
         stage = max(STAGES, key=lambda s: abs(d_stage[s]))
     out: dict[str, Any] = {
         "n": len(use),
-        "e2e_diff_ms": d_e2e,
+        "e2el_diff_ms": d_e2e,
         "stage_diff_ms": d_stage,
         "shares": shares,
         "unattributed_ms": unattributed,
@@ -246,7 +247,7 @@ def compare_runs(run_dirs: list[Path], *, n_boot: int = 2000, seed: int = 0) -> 
         if not records:
             raise InputError(samples_path, "no samples in this run")
         try:
-            repeats = int(config.get("repeats") or 1)
+            repeats = int(requested(config).get("repeats") or 1)
         except (TypeError, ValueError):
             raise InputError(d / "config.json", f"repeats is not an integer: {config.get('repeats')!r}") from None
         ps = _per_sample(records, fields, repeats)
@@ -255,9 +256,11 @@ def compare_runs(run_dirs: list[Path], *, n_boot: int = 2000, seed: int = 0) -> 
         configs.append(config)
         per_sample.append(ps)
         n_ok = sum(r.ok for r in records)
-        runs.append({"label": label, "run_dir": str(d), "model": config.get("model"), "preset": config.get("preset"),
-                     "engine": config.get("engine"), "weights": config.get("weights"), "n_records": len(records),
-                     "n_ok": n_ok, "n_failed": len(records) - n_ok, "n_ids": len(ps)})
+        req = requested(config)
+        runs.append({"label": label, "run_dir": str(d), "model": config.get("model"), "preset": req.get("preset"),
+                     "engine": req.get("engine"), "weights": req.get("weights"), "n_records": len(records),
+                     "n_ok": n_ok, "n_failed": len(records) - n_ok, "n_ids": len(ps),
+                     "speculative": _spec_summary(records), "quantization": _first(r.quantization for r in records if r.ok)})
     common_set = set(per_sample[0]).intersection(*per_sample[1:])
     if not common_set:
         counts = ", ".join(f"{r['label']}: {r['n_ids']}" for r in runs)
@@ -336,6 +339,25 @@ def _signed_ms(x: Any) -> str:
     return "–" if not _ok_number(x) else ("+" if x > 0 else "") + fmt_num(x)
 
 
+def _first(values: Any) -> Any:
+    return next(iter(values), None)
+
+
+def _spec_summary(records: list[SampleRecord]) -> dict[str, Any] | None:
+    """A run's speculative decoding in brief (method, k, mean acceptance), or ``None`` for plain decoding."""
+    spec = [r for r in records if r.ok and r.speculative_method]
+    if not spec:
+        return None
+
+    def mean(key: str) -> float | None:
+        xs = [getattr(r, key) for r in spec if getattr(r, key) is not None]
+        return float(np.mean(xs)) if xs else None
+
+    return {"method": spec[0].speculative_method, "num_speculative_tokens": spec[0].num_speculative_tokens,
+            "acceptance_rate": mean("acceptance_rate"), "mean_accepted_length": mean("mean_accepted_length"),
+            "draft_ms": mean("draft_ms"), "verify_ms": mean("verify_ms")}
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     """``compare_runs``'s result as Markdown (times in ms, memory in MiB)."""
     runs = result["runs"]
@@ -352,6 +374,15 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                     r["n_records"], r["n_ok"], r["n_ids"], r["n_common"]] for r in runs], align="lllllrrrr")
     if any(r.get("weights") == "random" for r in runs):
         L += ["", "> random weights in at least one run: output text is meaningless; timings are what it is for."]
+    if any(r.get("speculative") or (r.get("quantization") not in (None, "none")) for r in runs):
+        L += ["", "Decoding per run (a speculative or quantized run is paired with the plain one on the same sample ids):", ""]
+        rows = []
+        for r in runs:
+            sp = r.get("speculative")
+            rows.append([r["label"], str(r.get("quantization") or "none"), "plain" if not sp else f"{sp['method']}, k = {sp['num_speculative_tokens']}",
+                         fmt_num(sp["acceptance_rate"]) if sp else "–", fmt_num(sp["mean_accepted_length"]) if sp else "–",
+                         fmt_num(sp["draft_ms"]) if sp else "–", fmt_num(sp["verify_ms"]) if sp else "–"])
+        L += md_table(["run", "quantization", "decoding", "acceptance rate", "mean accepted length", "draft (ms)", "verify (ms)"], rows)
 
     L += ["", "## Per stage and end to end (common samples)", ""]
     header = ["metric"] + [f"{lab} mean / p50 (ms)" for lab in labels] + [f"{lab} / {base}" for lab in labels[1:]]
@@ -380,7 +411,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             continue
         share = ex["shares"][ex["stage"]]
         why = f"{fmt_pct(share)} % of the difference" if share is not None else "the largest stage difference"
-        s = (f"- **{lab} vs {base}**: end to end {_signed_ms(ex['e2e_diff_ms'])} ms per sample; "
+        s = (f"- **{lab} vs {base}**: end to end {_signed_ms(ex['e2el_diff_ms'])} ms per sample; "
              f"**{ex['stage']}** explains it ({_signed_ms(ex['stage_diff_ms'][ex['stage']])} ms, {why}).")
         ds = ex.get("decode_split")
         if ds:
@@ -391,18 +422,18 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         L.append(s)
     header = ["stage"]
     for lab in labels[1:]:
-        header += [f"Δ {lab} − {base} (ms)", f"share of Δ e2e, {lab} (%)"]
+        header += [f"Δ {lab} − {base} (ms)", f"share of Δ E2EL, {lab} (%)"]
     rows = []
-    for s in list(STAGES) + ["unattributed", "e2e"]:
+    for s in list(STAGES) + ["unattributed", "E2EL"]:
         row = [s]
         for ex in exps:
             if ex is None:
                 row += ["–", "–"]
-            elif s == "e2e":
-                row += [_signed_ms(ex["e2e_diff_ms"]), "100.0" if ex["e2e_diff_ms"] else "–"]
+            elif s == "E2EL":
+                row += [_signed_ms(ex["e2el_diff_ms"]), "100.0" if ex["e2el_diff_ms"] else "–"]
             elif s == "unattributed":
                 d = ex["unattributed_ms"]
-                row += [_signed_ms(d), fmt_pct(d / ex["e2e_diff_ms"]) if ex["e2e_diff_ms"] else "–"]
+                row += [_signed_ms(d), fmt_pct(d / ex["e2el_diff_ms"]) if ex["e2el_diff_ms"] else "–"]
             else:
                 row += [_signed_ms(ex["stage_diff_ms"][s]), fmt_pct(ex["shares"][s])]
         rows.append(row)

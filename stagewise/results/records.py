@@ -8,12 +8,24 @@ a device synchronization at every stage boundary, so the intervals tile the samp
 - ``vision_ms``      -> vision embeddings in LM space ready (stage 3)
 - ``prefill_ms``     -> splice done, KV cache filled, first token on the device (stage 4)
 - ``decode_ms``      -> last token on the device (stage 5)
-- ``e2e_ms``         sample start -> last token, measured by its own clock
-- ``stage_gap``      |sum of the five stages - e2e_ms| / e2e_ms (checked <= 2 %)
+- ``e2el_ms``        sample start -> last token (end-to-end latency), measured by its own clock
+- ``stage_gap``      |sum of the five stages - e2el_ms| / e2el_ms (checked <= 2 %)
 - ``ttft_ms``        load + preprocess + vision + prefill (time to first token)
-- ``tpot_ms``        decode_ms / (n_output_tokens - 1): time per output token after the
-                     first (vLLM's TPOT; equal to the mean ITL)
-- ``itl_p50_ms``/``itl_p99_ms``  percentiles of the per-step device times of decode
+- ``tpot_ms``        (e2el_ms - ttft_ms) / (n_output_tokens - 1): time per output token after
+                     the first (vLLM's TPOT)
+- ``itl_ms``         the device time of each decode step (inter-token latencies), in order
+- ``decode_throughput_tok_s``  (n_output_tokens - 1) / decode_ms
+
+Speculative decoding (``--speculate``) adds ``n_drafted_tokens``, ``n_accepted_tokens``,
+``acceptance_rate`` (accepted / drafted), ``mean_accepted_length`` (tokens per verify step, the bonus
+token included), ``draft_ms`` and ``verify_ms`` (sub-stages of decode: decode_ms = draft_ms +
+verify_ms + the loop's bookkeeping), ``n_verify_steps`` and ``n_host_syncs``; ``itl_ms`` then holds
+one entry per verify step (the time between two bursts of tokens). A draft model's own stages
+(``draft_load``, ``draft_preprocess``, ``draft_vision``, ``draft_prefill``) are timed between prefill
+and decode and kept in ``draft_stage_ms``; the stage sum with them tiles the sample.
+
+Vocabulary: vLLM's, with units in the names (``docs/metrics.md``). Records written by older
+versions (``e2e_ms``, ``itl_p50_ms``...) are read with their fields mapped (:data:`LEGACY_FIELDS`).
 
 In a batch, the stage times are those of the whole batch (each sample of a batch
 carries the same ones) and ``batch_size`` says how many samples shared them.
@@ -30,6 +42,9 @@ from typing import Any
 
 from stagewise import STAGES
 from stagewise.errors import InputError
+
+LEGACY_FIELDS = {"e2e_ms": "e2el_ms", "decode_tok_s": "decode_throughput_tok_s"}
+"""Record fields renamed since the first runs were committed: old name -> current name."""
 
 
 @dataclass
@@ -49,13 +64,12 @@ class SampleRecord:
     vision_ms: float | None = None
     prefill_ms: float | None = None
     decode_ms: float | None = None
-    e2e_ms: float | None = None
+    e2el_ms: float | None = None
     stage_gap: float | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
-    itl_p50_ms: float | None = None
-    itl_p99_ms: float | None = None
-    decode_tok_s: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+    decode_throughput_tok_s: float | None = None
     n_images: int | None = None
     n_vision_tokens: int | None = None
     n_text_tokens: int | None = None
@@ -65,6 +79,22 @@ class SampleRecord:
     peak_gpu_mem_bytes: int | None = None
     output_text: str | None = None
     output_ids: list[int] = field(default_factory=list)
+    decoding: str | None = None
+    seed: int | None = None
+    quantization: str | None = None
+    weight_bytes_per_step: int | None = None
+    speculative_method: str | None = None
+    num_speculative_tokens: int | None = None
+    n_verify_steps: int | None = None
+    n_drafted_tokens: int | None = None
+    n_accepted_tokens: int | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+    draft_ms: float | None = None
+    verify_ms: float | None = None
+    n_host_syncs: int | None = None
+    draft_stage_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None
 
@@ -83,8 +113,10 @@ class SampleRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SampleRecord":
-        """Inverse of ``asdict``; unknown keys are ignored (forward compatibility)."""
+        """Inverse of ``asdict``; older field names are mapped (:data:`LEGACY_FIELDS`), unknown keys
+        ignored (forward compatibility)."""
         names = {f.name for f in fields(cls)}
+        d = {LEGACY_FIELDS.get(k, k): v for k, v in d.items()}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -185,25 +185,48 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[Sample
 
 
 def _metric(summary: dict[str, Any], name: str) -> dict[str, Any]:
-    return summary.get("metrics", {}).get(name) or {}
+    """``{"mean", "p50", "p90", "p99", "min", "max"}`` of one metric from the flat summary."""
+    return {k: summary.get(f"{'median' if k == 'p50' else k}_{name}") for k in ("mean", "p50", "p90", "p99", "min", "max")}
 
 
 def _stage_means(summary_or_stage_ms: dict[str, Any]) -> dict[str, float]:
-    """``{stage: mean ms}`` from a summary (``metrics``) or a plain ``{stage: ms}`` dict."""
-    if "metrics" in summary_or_stage_ms:
+    """``{stage: mean ms}`` from a summary or a plain ``{stage: ms}`` dict."""
+    if "mean_load_ms" in summary_or_stage_ms:
         vals = {s: _metric(summary_or_stage_ms, f"{s}_ms").get("mean") for s in STAGES}
     else:
         vals = {s: summary_or_stage_ms.get(s) for s in STAGES}
     return {s: (float(v) if _finite(v) else 0.0) for s, v in vals.items()}
 
 
+def requested(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's requested configuration (``config.json``'s ``requested``; older runs: the top level)."""
+    return config.get("requested", config)
+
+
 def _title(config: dict[str, Any]) -> list[str]:
-    g = config.get
-    out = [f"# stagewise run: {g('model', '?')} · preset {g('preset', '?')} · engine {g('engine', '?')}", ""]
+    g = requested(config).get
+    out = [f"# stagewise run: {config.get('model', '?')} · preset {g('preset', '?')} · engine {g('engine', '?')}", ""]
     out.append(
         f"weights: `{g('weights', '?')}` · dtype {g('dtype', '?')} · device {g('device', '?')} · "
         f"batch size {g('batch_size', '?')} · output length {g('output_len', '?')}"
     )
+    applied = config.get("applied")
+    if isinstance(applied, dict):
+        dec = applied.get("decoding") or {}
+        text = "greedy" if dec.get("decoding") == "greedy" else ", ".join(f"{k} {v}" for k, v in dec.items())
+        out += ["", f"decoding: {text} · applied stage options: "
+                + ", ".join(k for k, v in (applied.get("stages") or {}).items() if v is True) or "none"]
+        eng = dict(applied.get("engine") or {})
+        q = eng.pop("quantization", None)
+        if eng:
+            out.append("engine applied: " + " · ".join(f"{k} {v}" for k, v in eng.items()))
+        if q:
+            group = f" (group {q['group_size']})" if q.get("group_size") else ""
+            head = " and LM head" if q.get("lm_head") else ""
+            out += ["", f"quantization: {q['kind']}{group} weight-only, the decoder's linear layers{head}; "
+                        f"the CLIP tower, projector, embeddings and norms stay {requested(config).get('dtype', '?')}; "
+                        f"decode kernel {q.get('decode_kernel')}, prefill kernel {q.get('prefill_kernel')}; "
+                        f"{fmt_num(eng.get('weight_bytes_per_step', 0) / 1e9)} GB of weights per decode step (MBU is computed on it)."]
     env = config.get("env")
     if isinstance(env, dict) and env:
         out.append("")
@@ -225,11 +248,11 @@ def _stage_section(summary: dict[str, Any], config: dict[str, Any]) -> list[str]
     rows.append(["sum of stages", fmt_num(total), "", "", "", "100.0" if total > 0 else "–"])
     out = ["## Stage breakdown", ""]
     out += md_table(["stage", "mean (ms)", "p50 (ms)", "p90 (ms)", "p99 (ms)", "share of stage sum (%)"], rows)
-    e2e = _metric(summary, "e2e_ms").get("mean")
+    e2e = _metric(summary, "e2el_ms").get("mean")
     if _finite(e2e) and e2e > 0 and total > 0:
         out += ["", f"Stages sum to {fmt_num(total)} ms against a measured end-to-end mean of "
                     f"{fmt_num(e2e)} ms ({100.0 * (total - e2e) / e2e:+.2f} %)."]
-    b = config.get("batch_size")
+    b = requested(config).get("batch_size")
     if isinstance(b, int) and b > 1:
         out += ["", f"Batch size {b}: stage times are those of the whole batch (every sample of a batch "
                     "carries its batch's times)."]
@@ -237,8 +260,8 @@ def _stage_section(summary: dict[str, Any], config: dict[str, Any]) -> list[str]
 
 
 def _e2e_section(summary: dict[str, Any]) -> list[str]:
-    names = [("e2e (ms)", "e2e_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
-             ("ITL p50 (ms)", "itl_p50_ms"), ("ITL p99 (ms)", "itl_p99_ms"), ("decode (tok/s)", "decode_tok_s")]
+    names = [("E2EL (ms)", "e2el_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
+             ("ITL (ms)", "itl_ms"), ("decode (tok/s)", "decode_throughput_tok_s")]
     rows = []
     for label, key in names:
         m = _metric(summary, key)
@@ -246,10 +269,40 @@ def _e2e_section(summary: dict[str, Any]) -> list[str]:
                      fmt_num(m.get("p99"))])
     out = ["## End to end", ""]
     out += md_table(["metric", "mean", "p50", "p90", "p99"], rows)
-    out += ["", f"Throughput: {fmt_num(summary.get('samples_per_s'))} samples/s · "
-                f"{fmt_num(summary.get('output_tok_s'))} output tok/s (each batch counted once)."]
-    out += ["", "TTFT = load + preprocess + vision + prefill; TPOT = decode / (output tokens - 1); "
-                "ITL p50/p99 are per-sample percentiles of the decode step times (rows: statistics over samples)."]
+    out += ["", f"Throughput: {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
+                f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s (each batch counted once)."]
+    out += ["", "TTFT = load + preprocess + vision + prefill; TPOT = (E2EL - TTFT) / (output tokens - 1); "
+                "ITL rows pool every decode step of every sample (docs/metrics.md)."]
+    return out
+
+
+def _spec_section(summary: dict[str, Any], records: list[SampleRecord], config: dict[str, Any]) -> list[str]:
+    """Speculative decoding: acceptance and the decode split into draft and verify (when used)."""
+    spec = [r for r in records if r.ok and r.speculative_method]
+    if not spec:
+        return []
+    r0 = spec[0]
+    rows = []
+    for label, key in [("acceptance rate", "acceptance_rate"), ("mean accepted length (tokens / verify step)", "mean_accepted_length"),
+                       ("draft (ms, in decode)", "draft_ms"), ("verify (ms, in decode)", "verify_ms"), ("decode (ms)", "decode_ms")]:
+        m = _metric(summary, key)
+        rows.append([label, fmt_num(m.get("mean")), fmt_num(m.get("p50")), fmt_num(m.get("min")), fmt_num(m.get("max"))])
+    steps = sum(r.n_verify_steps or 0 for r in spec)
+    syncs = sum(r.n_host_syncs or 0 for r in spec)
+    out = ["## Speculative decoding", "",
+           f"method `{r0.speculative_method}`, {r0.num_speculative_tokens} speculative tokens per verify step; "
+           f"{steps} verify steps over {len(spec)} samples, {syncs} host reads in all (one per step, plus the first token)."]
+    draft = {}
+    for r in spec:
+        for k, v in (r.draft_stage_ms or {}).items():
+            draft.setdefault(k, []).append(v)
+    if draft:
+        out += ["", "Draft model stages (timed between prefill and decode): "
+                + ", ".join(f"{k} {fmt_num(sum(v) / len(v))} ms" for k, v in draft.items()) + "."]
+    out += [""] + md_table(["figure", "mean", "p50", "min", "max"], rows)
+    if requested(config).get("weights") == "random":
+        out += ["", "> **Random weights: the acceptance figures say nothing about a real model; the engine "
+                    "cost (verify and draft time) is what this run measures.**"]
     return out
 
 
@@ -424,8 +477,8 @@ def render_markdown(config: dict[str, Any], summary: dict[str, Any], records: li
     lines = _title(config)
     lines += ["", f"Samples: {n} ({n - n_failed} ok, {n_failed} failed); statistics over the successful ones."]
     lines += _warmup_lines(summary)
-    sections = [_stage_section(summary, config), _e2e_section(summary), _tokens_section(summary),
-                _shape_section(records), _floor_section(summary), _failed_section(records)]
+    sections = [_stage_section(summary, config), _e2e_section(summary), _spec_section(summary, records, config),
+                _tokens_section(summary), _shape_section(records), _floor_section(summary), _failed_section(records)]
     if plot_name:
         sections.append(["## Stage shares", "", f"![mean time per stage]({plot_name})"])
     for sec in sections:
@@ -525,7 +578,8 @@ def print_summary_table(summary: dict[str, Any], config: dict[str, Any], console
     from rich.table import Table
 
     console = console or Console()
-    title = f"{config.get('model', '?')} · {config.get('preset', '?')} · engine {config.get('engine', '?')}"
+    req = requested(config)
+    title = f"{config.get('model', '?')} · {req.get('preset', '?')} · engine {req.get('engine', '?')}"
     t = Table(title=escape(title))
     t.add_column("stage / metric")
     for h in ("mean", "p50", "p90", "p99", "share (%)"):
@@ -536,17 +590,17 @@ def print_summary_table(summary: dict[str, Any], config: dict[str, Any], console
         t.add_row(f"{s} (ms)", fmt_num(m.get("mean")), fmt_num(m.get("p50")), fmt_num(m.get("p90")),
                   fmt_num(m.get("p99")), fmt_pct(share.get(s)))
     t.add_section()
-    for label, key in [("e2e (ms)", "e2e_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
-                       ("decode (tok/s)", "decode_tok_s")]:
+    for label, key in [("E2EL (ms)", "e2el_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
+                       ("ITL (ms)", "itl_ms"), ("decode (tok/s)", "decode_throughput_tok_s")]:
         m = _metric(summary, key)
         t.add_row(label, *(fmt_num(m.get(k)) for k in ("mean", "p50", "p90", "p99")), "")
     console.print(t)
     n, n_failed = summary.get("n_samples", 0), summary.get("n_failed", 0)
-    line = (f"{n - n_failed} ok / {n} samples · {fmt_num(summary.get('samples_per_s'))} samples/s · "
-            f"{fmt_num(summary.get('output_tok_s'))} output tok/s")
+    line = (f"{n - n_failed} ok / {n} samples · {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
+            f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s")
     if _finite(summary.get("warmup_ms")):
         line += f" · warm-up {fmt_num(summary['warmup_ms'])} ms"
     console.print(line)
-    if config.get("weights") == "random":
+    if req.get("weights") == "random":
         console.print(escape(RANDOM_WEIGHTS_WARNING))
     return t
