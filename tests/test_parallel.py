@@ -114,6 +114,11 @@ def test_quantized_weights_and_missing_process_group_are_refused():
         FastEngine(lm, FastOptions(max_seq=16, tensor_parallel=TensorParallel(size=2, rank=0)))
     with pytest.raises(ValueError, match="not initialized"):
         TensorParallel.from_group()
+    from stagewise.engine.quant import QuantOptions
+
+    with pytest.raises(ValueError, match="tensor_parallel: quantized weights are not sharded yet"):
+        FastOptions(quantize=QuantOptions(kind="int8"), tensor_parallel=TensorParallel(size=2, rank=0))
+    FastOptions(quantize=QuantOptions(kind="int8"), tensor_parallel=TensorParallel(size=1, rank=0))  # no split: fine
 
 
 # ----------------------------------------------------------------------------------------------
