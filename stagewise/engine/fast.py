@@ -39,8 +39,16 @@ The design, after gpt-fast (pytorch-labs/gpt-fast), in plain PyTorch:
   otherwise. Each prompt shape that :meth:`FastEngine.warmup` sees is captured whole in one CUDA
   graph (no per-layer host work left); other shapes run the compiled functions one by one.
 
+* Tensor parallelism (``FastOptions.tensor_parallel``, :mod:`stagewise.engine.parallel`): each
+  rank holds its shard of every layer (heads and MLP width split, Megatron-style) and a KV cache
+  of its KV heads; the row-parallel projections end in an all-reduce (``self.reduce``, a custom
+  op that the decode-step graph captures with the rest). Every rank computes the full logits and
+  the same tokens, so the ranks run prefill, decode and extend in lockstep with no host
+  coordination beyond the prompt broadcast in :meth:`FastEngine.prefill`.
+
 On CPU everything runs eagerly (no compile, no graphs, fp32 in the tests) through the same
-functions, so CI checks it against :class:`stagewise.engine.hf.HFEngine`.
+functions, so CI checks it against :class:`stagewise.engine.hf.HFEngine` (and tensor
+parallelism over gloo against one process).
 
 Measured on an H100 (LLaMA-7B shapes, bf16, 641-token prompt): 5.24 ms per token at batch 1
 (86 % of the copy bandwidth), prefill 13.9 ms, 2,016 tok/s decoding at batch 16, 27 s of
@@ -84,6 +92,7 @@ from stagewise.engine.layers import (
     prefill_out,
     step_in,
 )
+from stagewise.engine.parallel import TensorParallel, TPCollectives, make_collectives, shard_layer
 from stagewise.engine.quant import (
     QuantizedWeight,
     QuantOptions,
@@ -131,6 +140,10 @@ class FastOptions:
             all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
             ``compile`` (eagerly it materializes ``[N, rows, K]``). Off by default until measured
             faster on the GPU (``benchmarks/speculative.py`` times both).
+        tensor_parallel: split the decoder over the ranks of a process group
+            (:class:`~stagewise.engine.parallel.TensorParallel`); ``None``: one device. Every
+            rank builds the engine and makes the same calls in the same order. Not with
+            ``quantize`` yet.
 
     Raises:
         ValueError: a field out of range (named).
@@ -149,6 +162,7 @@ class FastOptions:
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
     quantize: QuantOptions | None = None
     extend_matvec: bool = False
+    tensor_parallel: TensorParallel | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -157,6 +171,8 @@ class FastOptions:
             raise ValueError(f"max_seq: must be >= 2, got {self.max_seq}")
         if self.kv_bucket < 1 or self.check_every < 1:
             raise ValueError(f"kv_bucket ({self.kv_bucket}) and check_every ({self.check_every}) must be >= 1")
+        if self.quantize is not None and self.tensor_parallel is not None and self.tensor_parallel.size > 1:
+            raise ValueError("tensor_parallel: quantized weights are not sharded yet; use one of quantize or tensor parallelism")
 
 
 class PrefillGraph(NamedTuple):
@@ -237,7 +253,8 @@ class FastEngine:
         n_host_syncs: host reads of device state made by :meth:`decode` (EOS looks, the final copy).
 
     Raises:
-        ValueError: an unsupported model (activation, RoPE type, head counts).
+        ValueError: an unsupported model (activation, RoPE type, head counts), or head counts /
+            MLP width not divisible by the tensor-parallel size.
     """
 
     name = "fast"
@@ -264,6 +281,7 @@ class FastEngine:
         self.n_host_syncs = 0
         self._warming = False
         self.reduce: Reduce = no_reduce  # an all-reduce under tensor parallelism
+        self.tp: TPCollectives | None = None
 
         attn0 = lm.model.layers[0].self_attn
         self.dims = Dims(
@@ -278,6 +296,9 @@ class FastEngine:
         )
         if self.dims.n_heads % self.dims.n_kv_heads:
             raise ValueError("fast engine: num_attention_heads must be a multiple of num_key_value_heads")
+        full_dims, tp = self.dims, options.tensor_parallel
+        if tp is not None:
+            self.dims = tp.rank_dims(full_dims)  # per rank: heads, KV heads, MLP width (ValueError if indivisible)
 
         rotary = lm.model.rotary_emb
         rope_type = getattr(rotary, "rope_type", "default")
@@ -290,6 +311,10 @@ class FastEngine:
         self._rope_scale = float(rotary.attention_scaling)
 
         self.layers = [_layer_weights(layer) for layer in lm.model.layers]
+        if tp is not None:  # this rank's shards (copies); embedding, norms and LM head stay replicated
+            self.layers = [shard_layer(w, full_dims, tp) for w in self.layers]
+            self.tp = make_collectives(tp, self.device, self.dtype)
+            self.reduce = self.tp.reduce
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
         self.lm_head: torch.Tensor | QuantizedWeight = lm.lm_head.weight.detach()  # the embedding itself when tied
@@ -309,8 +334,11 @@ class FastEngine:
             self._decode_in = torch.compile(decode_in, **static)
             self._decode_out = torch.compile(decode_out, **static)
             self._step_in = torch.compile(step_in, **static)
-            self._step_out = torch.compile(step_out, **static)
-            self._head = torch.compile(head, **static)
+            # tensor parallel: every rank must pick the same token from the same residual stream,
+            # so the LM head's kernels must not be autotuned (timing-based, so per-rank) choices
+            head_static = static if tp is None else {**static, "options": {"coordinate_descent_tuning": False}}
+            self._step_out = torch.compile(step_out, **head_static)
+            self._head = torch.compile(head, **head_static)
         else:
             self._prefill_in, self._prefill_out, self._prefill_head = prefill_in, prefill_out, prefill_head
             self._decode_in, self._decode_out = decode_in, decode_out
@@ -435,12 +463,16 @@ class FastEngine:
 
         A (batch, length, padded) shape that :meth:`warmup` captured replays one CUDA graph; any
         other runs the compiled layer functions one by one (same result, more host work). Nothing
-        is read back from the device.
+        is read back from the device. Under tensor parallelism every rank calls it with a prompt of
+        the same shape, lengths and seeds, and the group's rank 0 prompt is used (broadcast), so
+        the vision stage may run on rank 0 only.
 
         Raises:
             ValueError: wrong shape, dtype or device; a batch or prompt larger than the cache.
         """
         B, S = self._check_prompt(inputs_embeds, lengths)
+        if self.tp is not None:  # tensor parallel: group rank 0's prompt is every rank's
+            inputs_embeds = self.tp.broadcast_(inputs_embeds.clone(memory_format=torch.contiguous_format))
         padded = min(lengths) < S
         mask = padding_mask(lengths, S, self.device).bool()  # [B, S]
         graph = self._prefill_graphs.get((B, S, padded))
@@ -515,7 +547,7 @@ class FastEngine:
                     self._prefill_layers(embeds, mask, padded)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool()):
+            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode=self._capture_mode):
                 logits = self._prefill_layers(embeds, mask, padded)
             self._prefill_graphs[key] = PrefillGraph(graph, embeds, mask, logits)
             self._prefill_id += 1  # whatever prefill was live, its cache is gone
@@ -548,9 +580,11 @@ class FastEngine:
             ran += 1
             if eos_token_id is not None and ran % self.check_every == 0:
                 self.n_host_syncs += 1
-                if bool(b.done[:B].all()):
+                if self._all_done(B):
                     break
         self._cur = S + ran
+        if self.tp is not None:  # ranks that disagree would fail silently: check (two tiny collectives)
+            self.tp.check_same(b.out[:B, : ran + 1], "decoded tokens")
         tokens = b.out[:B, : ran + 1].cpu()  # [B, T]; the one sync at the end
         self.n_host_syncs += 1
         n_tokens = count_until_eos(tokens, eos_token_id)
@@ -726,6 +760,12 @@ class FastEngine:
             x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
         buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
+    def _all_done(self, B: int) -> bool:
+        """Every row has produced EOS (one host read); under tensor parallelism on every rank, so
+        that the ranks leave the decode loop at the same step whatever they computed."""
+        done = self.buf.done[:B].all()
+        return bool(done) if self.tp is None else self.tp.all_true(done)
+
     @functools.cached_property
     def _arange(self) -> torch.Tensor:
         return torch.arange(MAX_EXTEND, device=self.device)
@@ -744,6 +784,12 @@ class FastEngine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
+
+    @property
+    def _capture_mode(self) -> str:
+        """CUDA-graph capture mode: under tensor parallelism "thread_local", so that the process
+        group's watchdog thread, which queries CUDA events, does not invalidate the capture."""
+        return "global" if self.tp is None else "thread_local"
 
     def _mark_dynamic(self, t: torch.Tensor, *dims: int) -> torch.Tensor:
         """Tell the compiler that ``t``'s ``dims`` vary between calls (no-op when not compiling)."""
@@ -780,7 +826,7 @@ class FastEngine:
             for t, s in zip(self.buf, saved):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool()):
+            with torch.cuda.graph(graph, pool=self._pool(), capture_error_mode=self._capture_mode):
                 run()
             self._graphs[key] = graph  # (capturing records the kernels without running them)
 

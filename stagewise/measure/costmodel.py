@@ -203,3 +203,68 @@ def llama_quantized_weight_bytes(
     layer = sum(quantized_nbytes(n, k, kind, group_size) for n, k in shapes) + 2 * d * elem_bytes
     head = quantized_nbytes(v, d, kind, group_size) if lm_head else v * d * elem_bytes
     return n_l * layer + d * elem_bytes + head
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallelism: what ONE GPU streams and computes, and the collectives between the GPUs
+# (the split of stagewise.engine.parallel: projections and KV heads divided by T, norms and the
+# LM head replicated on every rank)
+
+
+def _tp_split(cfg: LlamaConfig | dict, tensor_parallel_size: int) -> tuple[int, int]:
+    """(elements of one layer divided among the ranks, elements replicated on every rank) of the
+    whole decoder (the embedding table is not read by a step and is not counted)."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size: must be >= 1, got {tensor_parallel_size}")
+    d, v, n_l = _get(cfg, "hidden_size"), _get(cfg, "vocab_size"), _get(cfg, "num_hidden_layers")
+    sharded = n_l * (llama_layer_params(cfg) - 2 * d)  # q, k, v, o, gate, up, down
+    replicated = n_l * 2 * d + d + v * d  # the two RMSNorms of each layer, the final norm, the LM head
+    return sharded, replicated
+
+
+def llama_tp_decode_step_bytes(cfg: LlamaConfig | dict, kv_len: int, *, batch: int = 1, elem_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
+    """Bytes ONE GPU must move per decode step under tensor parallelism ``T``: ``1 / T`` of every
+    layer's projections and of the KV cache (its KV heads), all of the replicated weights.
+    ``T = 1`` gives :func:`llama_decode_step_bytes`. MBU under tensor parallelism is this over the
+    step time over one GPU's copy bandwidth (every GPU streams its share at the same time).
+
+    LLaMA-7B shapes (vocabulary 32,000), bf16, T = 2: (6,476,005,376 / 2 + 131,338,240) x 2 B =
+    6,738,681,856 B of weights per GPU, against 13,214,687,232 B at T = 1.
+
+    Raises:
+        ValueError: ``tensor_parallel_size < 1``.
+    """
+    sharded, replicated = _tp_split(cfg, tensor_parallel_size)
+    t = tensor_parallel_size
+    return (sharded // t + replicated) * elem_bytes + kv_cache_bytes(cfg, kv_len, batch, elem_bytes) // t
+
+
+def llama_tp_decode_bytes(cfg: LlamaConfig | dict, prompt_len: int, n_out: int, *, batch: int = 1, elem_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
+    """Per-GPU bytes of all ``n_out - 1`` decode steps after the prefill (:func:`llama_tp_decode_step_bytes`)."""
+    return sum(llama_tp_decode_step_bytes(cfg, prompt_len + i, batch=batch, elem_bytes=elem_bytes, tensor_parallel_size=tensor_parallel_size)
+               for i in range(1, n_out))
+
+
+def llama_tp_prefill_flops(cfg: LlamaConfig | dict, seq_len: int, *, batch: int = 1, tensor_parallel_size: int = 1) -> float:
+    """Per-GPU prefill FLOPs under tensor parallelism ``T``: the layers' projections and attention
+    (heads split) divided by ``T``; the LM head on the last token on every rank. ``T = 1`` gives
+    :func:`llama_prefill_flops`. (Norms are not counted, as everywhere in this module.)
+
+    Raises:
+        ValueError: ``tensor_parallel_size < 1``.
+    """
+    _tp_split(cfg, tensor_parallel_size)
+    head = 2.0 * batch * _get(cfg, "hidden_size") * _get(cfg, "vocab_size")
+    return (llama_prefill_flops(cfg, seq_len, batch) - head) / tensor_parallel_size + head
+
+
+def llama_tp_all_reduces(cfg: LlamaConfig | dict, n_tokens: int, *, elem_bytes: int = 2) -> dict[str, int]:
+    """The all-reduces of one forward over ``n_tokens`` tokens (``batch`` for a decode step,
+    ``batch x S`` for a prefill) under tensor parallelism: one after each row-parallel projection
+    (o-proj and down-proj), each summing a ``[n_tokens, hidden]`` partial output.
+
+    Returns:
+        ``{"n_all_reduces": 2 x layers, "bytes_each": n_tokens x hidden x elem_bytes}`` (EventGPT-7B
+        decode at batch 1, bf16: 64 all-reduces of 8,192 B).
+    """
+    return {"n_all_reduces": 2 * _get(cfg, "num_hidden_layers"), "bytes_each": n_tokens * _get(cfg, "hidden_size") * elem_bytes}
