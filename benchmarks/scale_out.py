@@ -65,7 +65,11 @@ import torch.distributed as dist  # noqa: E402
 from stagewise.distributed import DistContext, barrier, gather_devices, init  # noqa: E402
 from stagewise.engine.fast import FastEngine, FastOptions  # noqa: E402
 from stagewise.engine.layers import no_reduce  # noqa: E402
-from stagewise.engine.parallel import TensorParallel, make_collectives, time_all_reduce_us  # noqa: E402
+from stagewise.engine.parallel import (  # noqa: E402
+    TensorParallel,
+    make_collectives,
+    time_all_reduce_us,
+)
 
 LLAMA_7B = {
     "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tqdm import tqdm
 
+    from stagewise.distributed import DistContext, destroy, init, launch
     from stagewise.models.registry import default_tokenizer
     from stagewise.results.records import read_samples
     from stagewise.results.report import print_summary_table
@@ -144,6 +145,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset or Path(cfg.weights).name}-{cfg.engine}"
     _check_out(out)
     check_run_dir(cfg, out, args.resume)
+    if args.nproc is not None:  # relaunch this very command under torchrun, one process per GPU
+        argv = [a for a in args.argv if a != "--resume"] + (["--resume"] if args.resume else [])
+        if args.out is None:
+            argv += ["--out", str(out)]
+        return launch(args.nproc, argv)
+    ctx = DistContext.from_env()
+    if ctx.distributed:
+        if args.out is None:
+            raise ValueError("out: under torchrun every rank must write to the same folder; pass --out DIR")
+        ctx = init(ctx, "cuda" if cfg.device.startswith("cuda") else "cpu")
+    if not ctx.is_main:  # the other ranks run their shard quietly; rank 0 reports
+        try:
+            execute(cfg, samples, out, resume=args.resume, ctx=ctx)
+        finally:
+            destroy(ctx)
+        return EXIT_OK
     if cfg.weights == "random":
         console.print("[yellow]random weights: the generated text is meaningless; the timings are what this run is for.[/yellow]")
         warning = default_tokenizer(cfg.preset)[1] if cfg.tokenizer is None else None
@@ -158,16 +175,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        summary = execute(cfg, samples, out, resume=args.resume, progress=progress)
+        summary = execute(cfg, samples, out, resume=args.resume, progress=progress, ctx=ctx)
     except KeyboardInterrupt:
         bar.close()
         n = len(read_samples(out / "samples.jsonl")) if (out / "samples.jsonl").is_file() else 0
-        argv = [a for a in sys.argv[1:] if a != "--resume"] or ["run"]
+        argv = [a for a in args.argv if a != "--resume"] or ["run"]
         if "--out" not in argv:
             argv += ["--out", str(out)]
         print(f"\nstagewise: interrupted; {n} sample(s) are recorded in {out / 'samples.jsonl'}. Resume with:\n"
               f"  stagewise {shlex.join(argv)} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        destroy(ctx)
     bar.close()
     config = json.loads((out / "config.json").read_text())
     print_summary_table(summary, config, console)
@@ -361,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_args(r)
     r.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>-<preset>-<engine>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration), skipping finished samples")
+    r.add_argument("--nproc", type=int, default=None, help="run on N processes through torchrun (data parallel over N GPUs; with --tensor-parallel-size T, N/T model copies)")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("verify", help="check decoupled == fused greedy token ids")
     RunConfig.add_cli_args(v)
@@ -411,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse's own usage errors (already printed)
         return EXIT_USAGE if e.code else EXIT_OK
+    args.argv = list(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

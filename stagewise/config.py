@@ -106,6 +106,8 @@ class RunConfig:
             speculative decoding in the fast engine (``ngram``: prompt lookup; ``draft_model``: a
             text-only LLaMA draft, a preset such as ``llama-68m`` or a folder; ``multimodal_draft``:
             another registry model on its own input, e.g. ``eventgpt-7b`` drafting for Video-LLaVA).
+        tensor_parallel_size / all_reduce: split the fast engine's decoder over that many GPUs of
+            one host (under torchrun), with this all-reduce (``auto``, ``nccl``, ``symm_mem``, ``gloo``).
         quantize / quant_group_size / quantized_cache / quant_decode_kernel / quant_prefill_kernel:
             weight-only quantization of the decoder in the fast engine (``none`` by default).
         output_len / max_new_tokens: generated length (random weights: a policy; real: EOS or the cap).
@@ -147,6 +149,8 @@ class RunConfig:
     draft_model: str | None = None
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    tensor_parallel_size: int = 1
+    all_reduce: str = "auto"
     quantize: str = "none"
     quant_group_size: int = 128
     quantized_cache: str | None = None
@@ -189,6 +193,17 @@ class RunConfig:
                 raise ValueError(f"num_speculative_tokens: must be in 1..15, got {self.num_speculative_tokens}")
             if self.speculate in ("draft_model", "multimodal_draft") and not self.draft_model:
                 raise ValueError(f"draft_model: --speculate {self.speculate} needs --draft-model PRESET_OR_FOLDER")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1:
+            if self.engine != "fast":
+                raise ValueError("tensor_parallel_size: needs --engine fast")
+            if self.quantize != "none":
+                raise ValueError("tensor_parallel_size: quantized weights are not sharded yet; use one of --quantize and tensor parallelism")
+            if self.speculate == "draft_model" or self.speculate == "multimodal_draft":
+                raise ValueError("tensor_parallel_size: a draft model is not run in lockstep across ranks yet; use --speculate ngram or none")
+        if self.all_reduce not in ("auto", "nccl", "symm_mem", "gloo"):
+            raise ValueError(f"all_reduce: expected auto, nccl, symm_mem or gloo, got {self.all_reduce!r}")
         if self.quantize != "none":
             if self.engine != "fast":
                 raise ValueError("quantize: needs --engine fast")
@@ -288,6 +303,8 @@ class RunConfig:
         e.add_argument("--check-every", type=int, default=d.check_every, help="fast: decode steps between host looks at EOS (default 16)")
         e.add_argument("--no-cuda-graphs", action="store_true", help="fast: run the decode step without CUDA graphs")
         e.add_argument("--no-compile", action="store_true", help="fast: run the layer functions eagerly")
+        e.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size, help="fast, under torchrun: split the decoder over T GPUs of one host (default 1)")
+        e.add_argument("--all-reduce", default=d.all_reduce, choices=["auto", "nccl", "symm_mem", "gloo"], help="tensor parallel all-reduce (default auto: symmetric-memory one-shot on CUDA, gloo on CPU)")
         e.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4", "fp8"], help="fast: weight-only quantization of the decoder's linear layers and LM head (default none)")
         e.add_argument("--quant-group-size", type=int, default=d.quant_group_size, help="int4 group size along the input features (default 128)")
         e.add_argument("--quantized-cache", default=None, help="fast: load/save the quantized weights (safetensors) in this folder")
@@ -349,6 +366,7 @@ class RunConfig:
             cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
             speculate=args.speculate, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+            tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.all_reduce,
             quantize=args.quantize, quant_group_size=args.quant_group_size, quantized_cache=args.quantized_cache,
             quant_decode_kernel=args.quant_decode_kernel, quant_prefill_kernel=args.quant_prefill_kernel,
             output_len=args.output_len, max_new_tokens=args.max_new_tokens,

@@ -25,6 +25,7 @@ import torch
 
 from stagewise import STAGES
 from stagewise.config import OutputLenPolicy, RunConfig, _jsonable, parse_output_len
+from stagewise.distributed import DistContext
 from stagewise.engine import make_engine
 from stagewise.engine.base import Engine, stack_left_padded
 from stagewise.engine.sampling import row_seed
@@ -295,38 +296,62 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
 
 
 def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: bool = False,
-            progress: Callable[[int, int], None] | None = None, model: MultimodalModel | None = None) -> dict[str, Any]:
+            progress: Callable[[int, int], None] | None = None, model: MultimodalModel | None = None,
+            ctx: DistContext | None = None) -> dict[str, Any] | None:
     """Run the benchmark and write the run directory.
+
+    Under torchrun (``ctx`` distributed) every rank runs this: the samples are sharded over the
+    data-parallel ranks (round-robin, :mod:`stagewise.distributed`), each writes
+    ``samples.rank<R>.jsonl`` as samples finish, and rank 0 merges them into ``samples.jsonl``
+    (each sample once, in dataset order) and writes the one summary and report, with per-rank and
+    total samples/s. With ``tensor_parallel_size`` > 1 the ranks of a model copy split its decoder.
 
     Args:
         samples: the samples to measure (before repeats).
         run_dir: output folder (``config.json``, ``samples.jsonl``, ``summary.json``, ``report.md``).
-        resume: keep the records already in ``samples.jsonl`` and run only the rest.
+        resume: keep the records already written and run only the rest (per rank).
         progress: called with ``(done, total)`` after each batch.
         model: an already built model (tests); built from ``cfg`` otherwise.
+        ctx: this process among torchrun's (:func:`stagewise.distributed.init`); default one process.
 
     Returns:
-        the summary dict (also written to ``summary.json``).
+        the summary dict (also written to ``summary.json``); ``None`` on ranks other than 0.
 
     Raises:
         InputError / ValueError: bad configuration or inputs (before anything runs).
         FileExistsError: ``run_dir`` holds samples and ``resume`` is False.
     """
+    from stagewise.distributed import (
+        RankReport,
+        barrier,
+        data_parallel_summary,
+        gather_devices,
+        layout,
+        merge_rank_files,
+        rank_samples_file,
+        rank_todo,
+        read_rank_reports,
+        tensor_parallel_group,
+        write_rank_report,
+    )
     from stagewise.measure.env import environment
     from stagewise.models.registry import load_model
 
+    ctx = ctx or DistContext()
+    lay = layout(ctx, cfg.tensor_parallel_size)
     run_dir = Path(run_dir)
     samples_file = run_dir / "samples.jsonl"
     check_run_dir(cfg, run_dir, resume)
     if not samples:
         raise InputError(None, "no samples to run")
-    device = torch.device(cfg.device)
+    device = torch.device(ctx.device) if ctx.distributed else torch.device(cfg.device)
     random_weights = cfg.weights == "random"
     policy: OutputLenPolicy | None = parse_output_len(cfg.output_len) if random_weights else None
     expanded = [replace(s, sample_id=f"{s.sample_id}@{r}" if cfg.repeats > 1 else s.sample_id) for s in samples for r in range(cfg.repeats)]
     ids = [s.sample_id for s in expanded]
     if len(set(ids)) != len(ids):
         raise InputError(None, "sample ids are not unique: " + ", ".join(sorted({i for i in ids if ids.count(i) > 1})[:5]))
+    # lengths and seeds by a sample's place in the whole run, whichever rank runs it
     lengths = {s.sample_id: (policy.length(s.sample_id, k) if policy else cfg.max_new_tokens) for k, s in enumerate(expanded)}
     seeds = {s.sample_id: row_seed(cfg.seed, s.sample_id) for s in expanded}
 
@@ -337,25 +362,40 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     model.configure(resolve_stage_options(model, cfg))
     build_ms = (time.perf_counter() - t_build) * 1e3
     max_seq = min(model.max_prompt_tokens, max(1024, _round_up(model.n_vision_tokens + PROMPT_TEXT_BUDGET + max(lengths.values()) + 8, 64)))
-    engine = make_engine(cfg.engine, model.lm, cfg.engine_options(max_batch=cfg.batch_size, max_seq=max_seq))
+    options = cfg.engine_options(max_batch=cfg.batch_size, max_seq=max_seq)
+    if lay.tensor_parallel_size > 1:
+        from stagewise.engine.parallel import TensorParallel
+
+        tp = TensorParallel.from_group(tensor_parallel_group(ctx, lay), all_reduce=cfg.all_reduce)
+        options = replace(options, tensor_parallel=tp)
+    engine = make_engine(cfg.engine, model.lm, options)
     spec = build_speculation(cfg, model, engine, max_new_tokens=max(lengths.values()),
                              prompt_bound=model.n_vision_tokens + PROMPT_TEXT_BUDGET)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "requested": _jsonable(asdict(cfg)),
-        "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe(),
-                    "speculative": None if spec is None else speculation_facts(spec)},
-        "model": model.name, "architecture": model.describe(), "env": environment(device),
-        "n_samples": len(expanded), "max_seq": max_seq,
-    }
-    write_json(run_dir / "config.json", config)
+    devices = gather_devices(ctx)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "requested": _jsonable(asdict(cfg)),
+            "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe(),
+                        "speculative": None if spec is None else speculation_facts(spec)},
+            "model": model.name, "architecture": model.describe(), "env": environment(device),
+            "world_size": ctx.world_size, "data_parallel_size": lay.dp_size, "rank_devices": devices,
+            "n_samples": len(expanded), "max_seq": max_seq,
+        }
+        write_json(run_dir / "config.json", config)
+    barrier(ctx)
 
-    done: set[str] = set()
-    if resume and samples_file.exists():
-        kept = read_samples(samples_file)  # drops a line torn by a crash mid-write
-        samples_file.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
-        done = {r.sample_id for r in kept}
-    todo = [s for s in expanded if s.sample_id not in done]
+    if ctx.distributed:
+        todo = rank_todo(expanded, run_dir, ctx, layout=lay)
+        out_file = rank_samples_file(run_dir, lay.dp_rank)
+    else:
+        done: set[str] = set()
+        if resume and samples_file.exists():
+            kept = read_samples(samples_file)  # drops a line torn by a crash mid-write
+            samples_file.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
+            done = {r.sample_id for r in kept}
+        todo = [s for s in expanded if s.sample_id not in done]
+        out_file = samples_file
 
     def batch_of(batch: list[Sample]) -> BatchResult:
         return run_batch(model, engine, batch, [lengths[s.sample_id] for s in batch], random_weights=random_weights,
@@ -387,7 +427,12 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     device_sync(device)
     warmup_ms = (time.perf_counter() - t_warm) * 1e3
 
-    with SampleWriter(samples_file) as writer:
+    barrier(ctx)  # the measured loops start together
+    t_loop = time.perf_counter()
+    n_ok = n_failed = 0
+    rank_error: str | None = None
+    writer = SampleWriter(out_file) if lay.writes_records else None
+    try:
         n_done = 0
         for batch in _batches(todo, cfg.batch_size):
             try:
@@ -398,13 +443,34 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
                 msg = failure(e)
                 res = BatchResult([SampleRecord(sample_id=s.sample_id, model=model.name, engine=cfg.engine, error=msg) for s in batch])
             for rec in res.records:
-                writer.write(rec)
+                if writer is not None:
+                    writer.write(rec)
+                n_ok, n_failed = n_ok + rec.ok, n_failed + (not rec.ok)
             n_done += len(batch)
             if progress:
                 progress(n_done, len(todo))
+    except BaseException as e:
+        rank_error = failure(e)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if ctx.distributed and lay.writes_records:
+            write_rank_report(run_dir, RankReport(rank=lay.dp_rank, device=str(device), n_samples=len(todo), n_ok=n_ok,
+                                                  n_failed=n_failed, wall_s=time.perf_counter() - t_loop, error=rank_error))
+    barrier(ctx)
+    if not ctx.is_main:
+        return None
 
+    dp = None
+    if ctx.distributed:
+        report = merge_rank_files(run_dir, ids, world_size=lay.dp_size)
+        dp = data_parallel_summary(read_rank_reports(run_dir, lay.dp_size), lay.dp_size)
+        dp["merge"] = report.describe()
     records = read_samples(samples_file)
     summary = summarize(records)
+    if dp is not None:
+        summary["data_parallel"] = dp
     summary["warmup_ms"] = warmup_ms
     summary["engine_warmup_ms"] = engine.warmup_ms
     summary["model_build_ms"] = build_ms

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from stagewise.distributed import DistContext, barrier, gather_devices, init, merge_rank_files, rank_samples_file, rank_todo
+from stagewise.distributed import (
+    DistContext,
+    barrier,
+    gather_devices,
+    init,
+    merge_rank_files,
+    rank_samples_file,
+    rank_todo,
+)
 from stagewise.results.records import SampleRecord, SampleWriter
 
 # the engine scenarios import transformers and the engine lazily (the dp scenario starts faster)
@@ -95,7 +103,11 @@ def speculative_tokens(tp) -> dict[str, list[int]]:
     rank; greedy ids must be plain greedy decoding's. ``tp=None``: the one-process reference."""
     from stagewise.engine.base import stack_left_padded
     from stagewise.engine.fast import FastEngine, FastOptions
-    from stagewise.engine.speculative import DraftModelDrafter, NgramDrafter, speculative_decode
+    from stagewise.engine.speculative import (
+        DraftModelDrafter,
+        NgramDrafter,
+        speculative_decode,
+    )
 
     lm = tiny_lm(**VARIANTS["gqa"])
     draft_lm = tiny_lm(**VARIANTS["gqa"])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_worker import VARIANTS, run_cases, tiny_lm
 
 from stagewise.distributed import (
     DistContext,
@@ -41,7 +42,6 @@ from stagewise.engine.layers import Dims
 from stagewise.engine.parallel import TensorParallel, shard_layer
 from stagewise.errors import InputError
 from stagewise.results.records import SampleRecord, SampleWriter, read_samples
-from parallel_worker import VARIANTS, run_cases, tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,8 +315,9 @@ def test_tensor_parallel_2_equals_one_process(tp_results, variant):
             assert diff.max() <= 1e-4, f"{variant} {key}: max |diff| {diff.max():.3g}, mean {diff.mean():.3g}"
         assert torch.equal(r0[key], r1[key]), f"{variant} {key}: ranks disagree (max |diff| {(r0[key] - r1[key]).abs().max():.3g})"
     # sampling: the same seeds give the same tokens on both ranks and as one process
-    from stagewise.engine.base import stack_left_padded
     from parallel_worker import prompts
+
+    from stagewise.engine.base import stack_left_padded
 
     eng = FastEngine(lm, FastOptions(max_batch=4, max_seq=64, kv_bucket=8,
                                      sampling=SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=5)))
@@ -447,3 +448,62 @@ def test_cost_model_counts_what_one_rank_holds():
     assert llama_tp_all_reduces(cfg, 3, elem_bytes=4) == {"n_all_reduces": 2 * d.n_layers, "bytes_each": 3 * d.hidden * 4}
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         llama_tp_decode_step_bytes(cfg, 1, tensor_parallel_size=0)
+
+
+def _torchrun(args: list[str], tmp_path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "stagewise", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_run_merges_to_the_single_process_run(tmp_path):
+    """``torchrun --nproc-per-node 2 -m stagewise run --preset eventgpt-tiny --num-samples 6``: each sample
+    once, in dataset order, with the ids and tokens of the single-process run; per-rank throughput in
+    the summary; the world size and rank devices in config.json; the --nproc launcher does the same."""
+    from stagewise.cli import main
+    from stagewise.results.records import read_samples
+
+    common = ["run", "--preset", "eventgpt-tiny", "--num-samples", "6", "--output-len", "fixed:4", "--no-ceilings", "--warmup", "0"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    one = read_samples(tmp_path / "one" / "samples.jsonl")
+    r = _torchrun([*common, "--out", str(tmp_path / "dp")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dp = read_samples(tmp_path / "dp" / "samples.jsonl")
+    assert [x.sample_id for x in dp] == [x.sample_id for x in one] == [f"sim{i:03d}" for i in range(6)]
+    assert [x.output_ids for x in dp] == [x.output_ids for x in one]
+    assert sorted(p.name for p in (tmp_path / "dp").glob("samples.rank*.jsonl")) == ["samples.rank0.jsonl", "samples.rank1.jsonl"]
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["data_parallel"]["world_size"] == 2 and summary["data_parallel"]["failed_ranks"] == []
+    assert [row["n_ok"] for row in summary["data_parallel"]["per_rank"]] == [3, 3]
+    cfg = json.loads((tmp_path / "dp" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["rank_devices"] == ["cpu", "cpu"]
+    env_backup = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        assert main([*common, "--nproc", "2", "--out", str(tmp_path / "launched")]) == 0
+    finally:
+        if env_backup is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = env_backup
+    assert [x.output_ids for x in read_samples(tmp_path / "launched" / "samples.jsonl")] == [x.output_ids for x in one]
+
+
+@pytest.mark.slow
+def test_torchrun_tensor_parallel_run_gives_the_single_process_ids(tmp_path):
+    """``--tensor-parallel-size 2`` through the runner (gloo on CPU, fp32): the fast engine's decoder
+    split over two ranks gives the greedy ids of one process; one record per sample."""
+    from stagewise.cli import main
+    from stagewise.results.records import read_samples
+
+    common = ["run", "--preset", "eventgpt-tiny", "--engine", "fast", "--num-samples", "2", "--output-len", "fixed:6",
+              "--no-ceilings", "--warmup", "0", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    r = _torchrun([*common, "--tensor-parallel-size", "2", "--out", str(tmp_path / "tp")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = read_samples(tmp_path / "one" / "samples.jsonl")
+    tp = read_samples(tmp_path / "tp" / "samples.jsonl")
+    assert [x.output_ids for x in tp] == [x.output_ids for x in one] and len(tp) == 2
+    cfg = json.loads((tmp_path / "tp" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["data_parallel_size"] == 1

@@ -92,7 +92,12 @@ from stagewise.engine.layers import (
     prefill_out,
     step_in,
 )
-from stagewise.engine.parallel import TensorParallel, TPCollectives, make_collectives, shard_layer
+from stagewise.engine.parallel import (
+    TensorParallel,
+    TPCollectives,
+    make_collectives,
+    shard_layer,
+)
 from stagewise.engine.quant import (
     QuantizedWeight,
     QuantOptions,
