@@ -159,6 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
     parity = {"teacher_forced_agreement": agree, "hf_self_agreement": hf_self, "positions": n_new,
               "max_abs_logit_diff": (ref - got).abs().max().item(), "logit_std": ref.std().item()}
 
+    # Seeded sampling on the device (temperature 0.4, the EventGPT authors' script): the same seed
+    # gives the same ids twice, another seed other ids (a fast engine over the same weights).
+    from stagewise.engine.sampling import SamplingParams
+
+    sampler = make_engine("fast", model.lm, FastOptions(max_seq=max_seq, sampling=SamplingParams(temperature=0.4, seed=7)))
+    sampler.warmup(S, n_new, batch_sizes=[1])
+    draws = [sampler.decode(sampler.prefill(embeds1, len1, seeds=[s]), n_new, None).tokens[0].tolist() for s in (7, 7, 8)]
+    sampling = {"temperature": 0.4, "top_k": 50, "same_seed_same_ids": draws[0] == draws[1],
+                "other_seed_other_ids": draws[0] != draws[2], "ids_seed7": draws[0]}
+    del sampler
+
     floors = {}
     if ceilings:
         bw, fl = ceilings["copy_bw_bytes_s"], ceilings["bf16_flops_s"]
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
            "ceilings": ceilings, "floors_ms": floors, "kv_cache_bytes": kv_cache_bytes(cfg, S + n_new - 1),
            "weight_bytes_per_step": fast.weight_bytes_per_step, "hf": res["hf"], "fast": res["fast"],
            "speedup_e2el": res["hf"]["e2el_ms"] / res["fast"]["e2el_ms"], "parity": parity,
-           "stage2_pixels_max_abs_diff": pix_diff, "vision_fused_rel_diff": vision_rel_diff}
+           "stage2_pixels_max_abs_diff": pix_diff, "vision_fused_rel_diff": vision_rel_diff, "sampling": sampling}
     print(f"\n{model.preset} shapes, {doc['device']}, prefill {S} tokens, {n_new} new tokens, medians of {R}")
     print(f"{'figure':38s} {'target':>20s} {'hf':>12s} {'fast':>12s} {'floor':>10s}")
     for key, (label, target) in ROWS.items():
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"parity: teacher-forced agreement {agree:.2%} over {n_new} positions, max |logit diff| {parity['max_abs_logit_diff']:.4f} "
           f"(logit std {parity['logit_std']:.3f}); HF vs itself {hf_self:.2%}")
     print(f"stage 2 pixels fast vs hf: max |diff| {pix_diff:.3g}; vision fast vs hf: rel. L2 diff {vision_rel_diff:.3g}")
+    print(f"seeded sampling on the device (T 0.4, top-k 50): same seed twice -> same ids: {sampling['same_seed_same_ids']}; "
+          f"another seed -> other ids: {sampling['other_seed_other_ids']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2))

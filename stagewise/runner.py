@@ -458,6 +458,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         if ctx.distributed and lay.writes_records:
             write_rank_report(run_dir, RankReport(rank=lay.dp_rank, device=str(device), n_samples=len(todo), n_ok=n_ok,
                                                   n_failed=n_failed, wall_s=time.perf_counter() - t_loop, error=rank_error))
+    loop_s = time.perf_counter() - t_loop
     barrier(ctx)
     if not ctx.is_main:
         return None
@@ -471,6 +472,8 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     summary = summarize(records)
     if dp is not None:
         summary["data_parallel"] = dp
+    summary["loop_s"] = loop_s  # this rank's measured loop, wall clock (records written included)
+    summary["loop_request_throughput_req_s"] = (n_ok / loop_s) if loop_s > 0 and not ctx.distributed else (dp or {}).get("samples_per_s")
     summary["warmup_ms"] = warmup_ms
     summary["engine_warmup_ms"] = engine.warmup_ms
     summary["model_build_ms"] = build_ms
