@@ -209,6 +209,8 @@ class QuantizedWeight:
         if torch.device(device).type != "cuda":
             return "dequant"
         if not decode:
+            if self.prefill_impl == "scaled_mm" and (self.shape[0] % 16 or self.shape[1] % 16):
+                return "dequant"  # _scaled_mm needs both dims of the weight divisible by 16 (LM head: 32001 rows)
             return self.prefill_impl
         if self.decode_impl == "torch" and not compiling:
             return "dequant"

@@ -1,0 +1,72 @@
+"""Is the fast engine's decoding reproducible run to run on this GPU? Greedy and seeded sampling,
+the same prompt decoded three times by one engine, for engine variants (default; SDPA restricted
+to one backend; CUDA graphs off; compile off), on a small LLaMA (hidden 512, 4 layers, vocabulary
+32001) and, with ``--7b``, on EventGPT-7B's LM shapes. Prints per variant whether the three runs gave
+the same ids and the same logits bit for bit.
+
+Usage (GPU): ``PYTHONPATH=. python3 benchmarks/determinism.py [--7b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import nullcontext
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stagewise.engine.fast import FastEngine, FastOptions
+from stagewise.engine.sampling import SamplingParams
+
+
+def backend(name: str | None):
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                         "cudnn": SDPBackend.CUDNN_ATTENTION}[name]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--7b", dest="big", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=46)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    kw = dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32) if args.big \
+        else dict(vocab_size=32001, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
+    with torch.device(dev):
+        lm = LlamaForCausalLM._from_config(LlamaConfig(**kw, max_position_embeddings=2048), dtype=torch.bfloat16).eval()
+    S, n = 641, args.new_tokens
+    embeds = 0.02 * torch.randn(1, S, kw["hidden_size"], device=dev, dtype=torch.bfloat16)
+    variants = [("default", {}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
+                ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
+    if args.big:
+        variants = variants[:2]
+    out = {}
+    for name, opts, be in variants:
+        row = {}
+        for mode, params in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))):
+            with backend(be):
+                eng = FastEngine(lm, FastOptions(max_seq=768, sampling=params, **opts))
+                eng.warmup(S, n, batch_sizes=[1])
+                ids, logits = [], []
+                for _ in range(3):
+                    pre = eng.prefill(embeds, [S], seeds=[7])
+                    ids.append(eng.decode(pre, n, None).tokens[0].tolist())
+                    logits.append(eng.score(eng.prefill(embeds, [S], seeds=[7]), torch.tensor([ids[0][:-1]], device=dev))[0])
+            first = next((i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b), None)
+            row[mode] = {"same_ids": ids[0] == ids[1] == ids[2], "first_diff": first,
+                         "same_logits": bool(torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])),
+                         "max_logit_diff": float((logits[0] - logits[1]).abs().max())}
+            del eng
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
