@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--7b", dest="big", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=46)
+    ap.add_argument("--modes", default="greedy,sampling")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -45,11 +46,12 @@ def main() -> None:
     variants = [("default", {}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
                 ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
     if args.big:
-        variants = variants[:2]
+        variants = variants[:1]
+    modes = [m for m in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))) if m[0] in args.modes.split(",")]
     out = {}
     for name, opts, be in variants:
         row = {}
-        for mode, params in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))):
+        for mode, params in modes:
             with backend(be):
                 eng = FastEngine(lm, FastOptions(max_seq=768, sampling=params, **opts))
                 eng.warmup(S, n, batch_sizes=[1])
