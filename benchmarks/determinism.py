@@ -1,6 +1,7 @@
 """Is the fast engine's decoding reproducible run to run on this GPU? Greedy and seeded sampling,
 the same prompt decoded three times by one engine, for engine variants (default; SDPA restricted
-to one backend; CUDA graphs off; compile off), on a small LLaMA (hidden 512, 4 layers, vocabulary
+to one backend; CUDA graphs off; compile off; ``FastOptions.deterministic`` forced off and on —
+by default it is on when sampling), on a small LLaMA (hidden 512, 4 layers, vocabulary
 32001) and, with ``--7b``, on EventGPT-7B's LM shapes. Prints per variant whether the three runs gave
 the same ids and the same logits bit for bit.
 
@@ -43,10 +44,11 @@ def main() -> None:
         lm = LlamaForCausalLM._from_config(LlamaConfig(**kw, max_position_embeddings=2048), dtype=torch.bfloat16).eval()
     S, n = 641, args.new_tokens
     embeds = 0.02 * torch.randn(1, S, kw["hidden_size"], device=dev, dtype=torch.bfloat16)
-    variants = [("default", {}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
+    variants = [("default", {}, None), ("deterministic=False", {"deterministic": False}, None),
+                ("deterministic=True", {"deterministic": True}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
                 ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
     if args.big:
-        variants = variants[:1]
+        variants = variants[:3]
     modes = [m for m in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))) if m[0] in args.modes.split(",")]
     out = {}
     for name, opts, be in variants:

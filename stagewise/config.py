@@ -132,6 +132,7 @@ class RunConfig:
     batch_size: int = 1
     kv_bucket: int = 64
     check_every: int = 16
+    deterministic: bool = False
     cuda_graphs: bool = True
     compile: bool = True
     output_len: str = "fixed:46"
@@ -275,7 +276,7 @@ class RunConfig:
             return HFOptions(sampling=self.sampling)
         return FastOptions(max_batch=max_batch, max_seq=max_seq, kv_bucket=self.kv_bucket, check_every=self.check_every,
                            compile=None if self.compile else False, cuda_graphs=None if self.cuda_graphs else False,
-                           sampling=self.sampling, quantize=self.quant_options())
+                           sampling=self.sampling, quantize=self.quant_options(), deterministic=True if self.deterministic else None)
 
     def resume_diff(self, recorded: dict) -> list[str]:
         """Fields whose value differs from a recorded ``config.json``'s ``requested`` (for ``--resume``)."""
@@ -301,6 +302,7 @@ class RunConfig:
         e.add_argument("--batch-size", type=int, default=d.batch_size)
         e.add_argument("--kv-bucket", type=int, default=d.kv_bucket, help="fast: KV-length granularity of the decode graphs (default 64)")
         e.add_argument("--check-every", type=int, default=d.check_every, help="fast: decode steps between host looks at EOS (default 16)")
+        e.add_argument("--deterministic", action="store_true", help="fast: deterministic attention kernels also when greedy (always on when sampling)")
         e.add_argument("--no-cuda-graphs", action="store_true", help="fast: run the decode step without CUDA graphs")
         e.add_argument("--no-compile", action="store_true", help="fast: run the layer functions eagerly")
         e.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size, help="fast, under torchrun: split the decoder over T GPUs of one host (default 1)")
@@ -363,6 +365,7 @@ class RunConfig:
             preset=preset, weights=str(args.weights), tokenizer=args.tokenizer, vision_tower=args.vision_tower,
             device=device, dtype=DTYPES.get(dtype, dtype), seed=args.seed,
             engine=args.engine, batch_size=args.batch_size, kv_bucket=args.kv_bucket, check_every=args.check_every,
+            deterministic=args.deterministic,
             cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
             speculate=args.speculate, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,

@@ -203,3 +203,32 @@ def test_bad_sampling_params_name_the_field():
         SamplingParams(temperature=1, top_p=0)
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(temperature=1, top_k=-2)
+
+
+def test_deterministic_attention_is_asked_for_when_sampling_and_recorded_as_applied():
+    from stagewise.config import RunConfig
+    from stagewise.runner import engine_facts
+
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    assert RunConfig(engine="fast", deterministic=True).engine_options(max_batch=1, max_seq=32).deterministic is True
+    assert RunConfig(engine="fast").engine_options(max_batch=1, max_seq=32).deterministic is None  # decided by the engine
+    lm = tiny_lm()
+    sampled = fast_engine(lm, max_seq=32, sampling=sampling)
+    greedy = fast_engine(lm, max_seq=32)
+    on_cuda = sampled.device.type == "cuda"
+    # Applied, not asked: CPU attention is deterministic already, so the option is a no-op there.
+    assert engine_facts(sampled)["deterministic_attention"] is on_cuda
+    assert engine_facts(greedy)["deterministic_attention"] is False
+    assert engine_facts(fast_engine(lm, max_seq=32, deterministic=True))["deterministic_attention"] is on_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seeded_sampling_repeats_its_ids_on_cuda():
+    lm = tiny_lm(**GQA).cuda().to(torch.bfloat16)
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    rows = [p.cuda().to(torch.bfloat16) for p in prompts([9, 5])]
+    outs = []
+    for _ in range(2):
+        engine = fast_engine(lm, max_batch=2, max_seq=64, sampling=sampling)
+        outs.append(run(engine, rows, new_tokens=24)[1].tokens.tolist())
+    assert engine.deterministic and outs[0] == outs[1]

@@ -57,6 +57,7 @@ compile + warm-up; see ``docs/results/decode_engines_notes.md`` for the profile 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -140,6 +141,11 @@ class FastOptions:
         sampling: greedy (default) or sampling on the device.
         quantize: weight-only quantization of the decoder's linear layers
             (:class:`~stagewise.engine.quant.QuantOptions`), or ``None``.
+        deterministic: attention kernels whose results do not vary run to run (CUDA: SDPA restricted
+            to the memory-efficient and math backends, both deterministic in the forward pass; the
+            cuDNN backend, which PyTorch may pick for the decode step on an H100, is not, and made
+            two seeded 7B decodes differ after ~30 tokens on an H100). ``None``: on when sampling
+            (a seed must reproduce its tokens), off when greedy.
         extend_matvec: batch-1 :meth:`FastEngine.extend` projections (a speculative verify step's
             ``k + 1`` rows) as compiler-generated reductions that stream each weight row once for
             all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
@@ -167,6 +173,7 @@ class FastOptions:
     sampling: SamplingParams = field(default_factory=lambda: GREEDY)
     quantize: QuantOptions | None = None
     extend_matvec: bool = False
+    deterministic: bool | None = None
     tensor_parallel: TensorParallel | None = None
 
     def __post_init__(self) -> None:
@@ -273,6 +280,8 @@ class FastEngine:
         self.options = options
         self.sampling = options.sampling
         self.device = lm.lm_head.weight.device
+        wants = (not options.sampling.greedy) if options.deterministic is None else options.deterministic
+        self.deterministic = bool(wants) and self.device.type == "cuda"  # CPU kernels are deterministic already
         self.dtype = lm.lm_head.weight.dtype
         on_cuda = self.device.type == "cuda"
         self.compiled = on_cuda if options.compile is None else options.compile
@@ -530,7 +539,8 @@ class FastEngine:
         for i, w in enumerate(self.layers):
             kv = (dyn(self.k_cache[i, :B, :, :S], 0, 2), dyn(self.v_cache[i, :B, :, :S], 0, 2))
             q = self._prefill_in(x, w, rope, kv, dims=d)
-            attn = dyn(attend_prefill(q, kv, causal, d.group), 0, 2)
+            with self._attention_backends():
+                attn = dyn(attend_prefill(q, kv, causal, d.group), 0, 2)
             x = dyn(self._prefill_out(x, attn, w, dims=d, reduce=self.reduce), 0, 1)
         return self._prefill_head(x, self.norm_w, self.lm_head, dims=d)
 
@@ -746,7 +756,8 @@ class FastEngine:
                                       self.embed, self.rope_table, group=d.group)
         for w, kv in zip(self.layers, kvs):
             q = self._decode_in(x, w, rope, kv, buf.slot, dims=d, matvec=mv)
-            attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)  # slots in use
+            with self._attention_backends():
+                attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)  # slots in use
             x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
         noise = None if self.sampling.greedy else gumbel_noise(buf.seeds, buf.step, d.vocab)  # eager kernels
         self._step_out(x, self.norm_w, self.lm_head, buf, noise, dims=d, matvec=mv, sampling=self.sampling)
@@ -761,7 +772,8 @@ class FastEngine:
         slots = buf.slot + self._arange[:S]  # [S]
         for w, kv in zip(self.layers, kvs):
             q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=mv)
-            attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
+            with self._attention_backends():
+                attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
             x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
         buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
@@ -789,6 +801,14 @@ class FastEngine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
+
+    def _attention_backends(self) -> contextlib.AbstractContextManager:
+        """The SDPA backends attention may use (:attr:`FastOptions.deterministic`)."""
+        if not self.deterministic:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     @property
     def _capture_mode(self) -> str:
