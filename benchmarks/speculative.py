@@ -34,6 +34,7 @@ Prints the target table last; writes the JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -61,8 +62,10 @@ from stagewise.measure.env import environment
 from stagewise.measure.timing import StageClock, StepTimer, device_sync
 from stagewise.models.base import Sample
 from stagewise.models.draft import check_vocab, load_draft
+from stagewise.models.family import StageOptions
 from stagewise.models.registry import SHARED_DATA_ENV as TOKENIZER_ENV
 from stagewise.models.registry import load_model
+from stagewise.models.vision import VisionOptions
 from stagewise.preprocess.prompt import DEFAULT_QUERY
 
 K_MAX = 8
@@ -115,10 +118,12 @@ def default_sample(path: Path | None) -> Sample:
     return Sample("sim000", DEFAULT_QUERY, events=moving_edge_events(seed=0))
 
 
-def fast_stages(model) -> None:
-    """stagewise's fast stage 2/3 paths (as ``--fast-stages``)."""
-    for name in ("gpu_preprocess", "fuse_vision", "vision_batch", "vision_graph", "vision_compile"):
-        setattr(model, name, True)
+def fast_stages(model) -> StageOptions:
+    """Apply stagewise's fast stage 2/3 paths (as ``--fast-stages``: every one the model and device
+    can serve) and return what was applied."""
+    applied = model.applicable(StageOptions(gpu_preprocess=True, vision=VisionOptions(compile=True, graph=True, fuse=True)))
+    model.configure(applied)
+    return applied
 
 
 class Bench:
@@ -135,7 +140,7 @@ class Bench:
         self.random_weights = args.weights is None
         self.model = load_model(preset if self.random_weights else None, args.weights or "random", device=self.device,
                                 dtype=self.dtype, tokenizer=None if tok is None else str(tok))
-        fast_stages(self.model)
+        self.stage_options = fast_stages(self.model)
         self.sample = default_sample(args.events)
         self.stages()  # the first call compiles / captures stage 3; the prompt is the steady-state one
         prep, row = self.stages()
@@ -471,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": environment(b.device).get("gpu", "cpu"),
         "env": environment(b.device),
         "dtype": str(b.dtype),
+        "stage_options": dataclasses.asdict(b.stage_options),
         "prompt_tokens": b.S,
         "new_tokens": b.new,
         "repeats": b.repeats,
