@@ -472,8 +472,12 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     summary = summarize(records)
     if dp is not None:
         summary["data_parallel"] = dp
-    summary["loop_s"] = loop_s  # this rank's measured loop, wall clock (records written included)
-    summary["loop_request_throughput_req_s"] = (n_ok / loop_s) if loop_s > 0 and not ctx.distributed else (dp or {}).get("samples_per_s")
+    if dp is None:  # the measured loop, wall clock (records written included)
+        summary["loop_s"] = loop_s
+        summary["loop_request_throughput_req_s"] = (n_ok / loop_s) if loop_s > 0 else None
+    else:  # data parallel: the slowest rank's loop (the makespan), all ranks' samples over it
+        summary["loop_s"] = dp.get("makespan_s")
+        summary["loop_request_throughput_req_s"] = dp.get("samples_per_s")
     summary["warmup_ms"] = warmup_ms
     summary["engine_warmup_ms"] = engine.warmup_ms
     summary["model_build_ms"] = build_ms

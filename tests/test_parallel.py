@@ -476,6 +476,8 @@ def test_torchrun_data_parallel_run_merges_to_the_single_process_run(tmp_path):
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
     assert summary["data_parallel"]["world_size"] == 2 and summary["data_parallel"]["failed_ranks"] == []
     assert [row["n_ok"] for row in summary["data_parallel"]["per_rank"]] == [3, 3]
+    assert summary["loop_s"] == summary["data_parallel"]["makespan_s"]  # the slowest rank's loop
+    assert summary["loop_request_throughput_req_s"] == summary["data_parallel"]["samples_per_s"]
     cfg = json.loads((tmp_path / "dp" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["rank_devices"] == ["cpu", "cpu"]
     env_backup = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -259,6 +259,17 @@ def _stage_section(summary: dict[str, Any], config: dict[str, Any]) -> list[str]
     return out
 
 
+def _loop_throughput(summary: dict[str, Any]) -> str:
+    """`` · loop X samples/s`` (the run's wall clock; under data parallelism all ranks over the
+    slowest rank's loop), or ``""`` when the summary has none."""
+    rate = summary.get("loop_request_throughput_req_s")
+    if not _finite(rate):
+        return ""
+    dp = summary.get("data_parallel") or {}
+    where = f" over {dp['world_size']} data-parallel ranks" if dp.get("world_size", 1) > 1 else ""
+    return f" · loop {fmt_num(rate)} samples/s{where}"
+
+
 def _e2e_section(summary: dict[str, Any]) -> list[str]:
     names = [("E2EL (ms)", "e2el_ms"), ("TTFT (ms)", "ttft_ms"), ("TPOT (ms/token)", "tpot_ms"),
              ("ITL (ms)", "itl_ms"), ("decode (tok/s)", "decode_throughput_tok_s")]
@@ -270,7 +281,8 @@ def _e2e_section(summary: dict[str, Any]) -> list[str]:
     out = ["## End to end", ""]
     out += md_table(["metric", "mean", "p50", "p90", "p99"], rows)
     out += ["", f"Throughput: {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
-                f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s (each batch counted once)."]
+                f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s (each batch counted once)."
+                + _loop_throughput(summary)]
     out += ["", "TTFT = load + preprocess + vision + prefill; TPOT = (E2EL - TTFT) / (output tokens - 1); "
                 "ITL rows pool every decode step of every sample (docs/metrics.md)."]
     return out
@@ -597,7 +609,7 @@ def print_summary_table(summary: dict[str, Any], config: dict[str, Any], console
     console.print(t)
     n, n_failed = summary.get("n_samples", 0), summary.get("n_failed", 0)
     line = (f"{n - n_failed} ok / {n} samples · {fmt_num(summary.get('request_throughput_req_s'))} samples/s · "
-            f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s")
+            f"{fmt_num(summary.get('output_throughput_tok_s'))} output tok/s" + _loop_throughput(summary))
     if _finite(summary.get("warmup_ms")):
         line += f" · warm-up {fmt_num(summary['warmup_ms'])} ms"
     console.print(line)
