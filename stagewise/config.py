@@ -155,8 +155,8 @@ class RunConfig:
     quantize: str = "none"
     quant_group_size: int = 128
     quantized_cache: str | None = None
-    quant_decode_kernel: str = "torch"
-    quant_prefill_kernel: str = "dequant"
+    quant_decode_kernel: str = "auto"
+    quant_prefill_kernel: str = "auto"
     window: bool = False
     sensor_size: tuple[int, int] | None = None
     trust_pickle: bool = False
@@ -310,8 +310,8 @@ class RunConfig:
         e.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4", "fp8"], help="fast: weight-only quantization of the decoder's linear layers and LM head (default none)")
         e.add_argument("--quant-group-size", type=int, default=d.quant_group_size, help="int4 group size along the input features (default 128)")
         e.add_argument("--quantized-cache", default=None, help="fast: load/save the quantized weights (safetensors) in this folder")
-        e.add_argument("--quant-decode-kernel", default=d.quant_decode_kernel, choices=["torch", "triton", "dequant"], help="quantized decode kernel (default torch: compiled fused dequantization)")
-        e.add_argument("--quant-prefill-kernel", default=d.quant_prefill_kernel, choices=["dequant", "triton", "scaled_mm"], help="quantized prefill kernel (default dequant: dequantize then cuBLAS)")
+        e.add_argument("--quant-decode-kernel", default=d.quant_decode_kernel, choices=["auto", "torch", "triton", "dequant"], help="quantized decode kernel (default auto: triton on CUDA when installed, else torch: compiled fused dequantization)")
+        e.add_argument("--quant-prefill-kernel", default=d.quant_prefill_kernel, choices=["auto", "dequant", "triton", "scaled_mm"], help="quantized prefill kernel (default auto: on CUDA with triton, scaled_mm for fp8 and triton otherwise; else dequant: dequantize then cuBLAS)")
         sp = parser.add_argument_group("speculative decoding (fast engine, batch 1)")
         sp.add_argument("--speculate", default=d.speculate, choices=list(SPECULATE_METHODS), help="none (default); ngram: prompt lookup; draft_model: a text-only LLaMA draft; multimodal_draft: another registry model on its own input")
         sp.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, help="draft tokens per verify step, k (default 4)")

@@ -26,6 +26,7 @@ from stagewise.engine import quant as Q
 from stagewise.engine.quant import (
     KINDS,
     QuantizedWeight,
+    QuantOptions,
     TritonConfig,
     load_quantized,
     pack_int4,
@@ -402,7 +403,6 @@ def test_fast_engine_with_quantized_layers_equals_hf_on_dequantized_weights(kind
     from stagewise.engine.base import stack_left_padded
     from stagewise.engine.fast import FastEngine, FastOptions
     from stagewise.engine.hf import HFEngine
-    from stagewise.engine.quant import QuantOptions
 
     ref_lm, fast_lm, bf_lm = _tiny_lm(), _tiny_lm(), _tiny_lm()
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -679,3 +679,16 @@ def test_cli_run_records_the_quantization_and_verify_reports_agreement(tmp_path,
     capsys.readouterr()
     assert main(["run", "--quantize", "int8"]) == EXIT_USAGE
     assert "needs --engine fast" in capsys.readouterr().err
+
+
+def test_auto_kernels_resolve_per_device(monkeypatch):
+    cpu = QuantOptions("int4").resolved("cpu")
+    assert (cpu.decode_impl, cpu.prefill_impl) == ("torch", "dequant")
+    monkeypatch.setattr(Q, "triton_available", lambda: True)
+    assert (QuantOptions("int8").resolved("cuda").decode_impl, QuantOptions("int8").resolved("cuda").prefill_impl) == ("triton", "triton")
+    assert QuantOptions("fp8").resolved("cuda").prefill_impl == "scaled_mm"
+    assert QuantOptions("int8", decode_impl="dequant").resolved("cuda").decode_impl == "dequant"  # asked: kept
+    monkeypatch.setattr(Q, "triton_available", lambda: False)
+    assert QuantOptions("int8").resolved("cuda").decode_impl == "torch"
+    with pytest.raises(ValueError, match="decode_impl"):
+        QuantOptions("int8", decode_impl="fastest")

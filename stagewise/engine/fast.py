@@ -365,6 +365,7 @@ class FastEngine:
     def _quantize(self, q: QuantOptions) -> None:
         """Replace the decoder's projection weights (and the LM head) by quantized copies; the HF
         model keeps its own weights. Records what was applied in ``quant_info``."""
+        q = q.resolved(self.device)
         names = ("wqkv", "wo", "w_gate_up", "w_down")
         dense = {f"layers.{i}.{n}": getattr(w, n) for i, w in enumerate(self.layers) for n in names}
         if q.lm_head:
