@@ -41,22 +41,17 @@ VARIANTS = {"mha": {}, "gqa": {"num_key_value_heads": 2}, "bias": {"attention_bi
 
 
 def tiny_lm(seed: int = 0, **overrides):
-    """The tests' tiny random LLaMA (same config as tests/test_engine_fast.py), fp32, CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tests' tiny random LLaMA (tests/test_engine_fast.py), fp32, CPU."""
+    from tests.test_engine_fast import tiny_lm as make
 
-    torch.manual_seed(seed)
-    kw = {
-        "vocab_size": 101, "hidden_size": HIDDEN, "intermediate_size": 112, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
-        "initializer_range": 0.2, "rms_norm_eps": 1e-5,
-    }
-    kw.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    return make(seed, **overrides)
 
 
 def prompts(lengths, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, HIDDEN, generator=g) for n in lengths]
+    """The tests' random prompt embeddings ``[n, HIDDEN]`` (tests/test_engine_fast.py)."""
+    from tests.test_engine_fast import prompts as make
+
+    return make(lengths, seed)
 
 
 def run_cases(lm, options, *, rank: int) -> dict[str, torch.Tensor]:
