@@ -228,6 +228,7 @@ def test_no_pyav_is_a_clear_error_for_mp4_only(monkeypatch, mp4, tmp_path, scene
         write_mp4(tmp_path / "x.mp4", scene[:2])
 
 
+@pytest.mark.slow
 def test_importing_the_module_does_not_import_av():
     import subprocess
 
