@@ -173,7 +173,7 @@ def stage_floors(model: MultimodalModel, mean_record: dict[str, float], ceilings
 
 
 def llama_quantized_weight_bytes(
-    cfg: Any, kind: str, group_size: int = 128, *, lm_head: bool = True, elem_bytes: int = 2
+    cfg: LlamaConfig | dict, kind: str, group_size: int = 128, *, lm_head: bool = True, elem_bytes: int = 2
 ) -> int:
     """Bytes of weights streamed per decode step with the linear layers weight-only quantized.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from stagewise.errors import InputError
 
@@ -66,9 +66,9 @@ class DraftLM:
         source: the checkpoint folder, or ``None`` for a preset.
     """
 
-    lm: Any
+    lm: LlamaForCausalLM
     name: str
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | str | Path | None = None
     source: Path | None = None
 
     @property
