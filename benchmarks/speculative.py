@@ -25,6 +25,8 @@ Sections (bf16, batch 1, the prompt of one real sample through EventGPT's own st
     it doing its real work while the proposals come from the replay drafter (controlled
     acceptance), and the cost model ``(draft round + verify round) / E[tokens per step](alpha, k)``.
 (d) prompt lookup (``ngram``): its cost per round.
+(e) agreement: prompt lookup's greedy ids against plain greedy ids in this dtype, and where they
+    part, the plain engine's top-2 logit margin (a near-tie, or not).
 
 Usage (GPU): ``python3 benchmarks/speculative.py --out $OUT/spec.json``
 Smoke test (CPU, tiny shapes): ``python3 benchmarks/speculative.py --smoke``
@@ -424,6 +426,33 @@ def section_ngram(b: Bench, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# (e) agreement of speculative with plain greedy ids in this dtype
+
+
+def section_agreement(b: Bench, args: argparse.Namespace) -> dict:
+    """Greedy ids of prompt-lookup speculative decoding against plain greedy decoding, and where
+    they part, the plain engine's top-2 logit margin there (teacher-forced on its own ids).
+
+    In fp32 the two are equal (CPU tests); in bf16 a verify step (GEMMs over ``k + 1`` rows) and a
+    decode step (GEMVs) round differently, so on the flat logits of random weights a near-tie can
+    break the other way. The margin says whether a parting is such a tie (a few bf16 ulps) or a bug.
+    """
+    plain = b.plain().tokens[0].tolist()  # [T]
+    logits = b.engine.score(b.prefill(), torch.tensor([plain[:-1]], device=b.device))[0].float()  # [T, V]
+    top2 = logits.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()  # margins[i]: the plain engine's choice of plain[i]
+    res: dict[str, Any] = {"plain_median_top2_margin": statistics.median(margins), "plain_min_top2_margin": min(margins)}
+    for k in (4, 8):
+        out, _ = b.spec(NgramDrafter(args.prompt_lookup_max), k)
+        ids = out.tokens[0].tolist()
+        n = min(len(ids), len(plain))
+        first = next((i for i in range(n) if ids[i] != plain[i]), None)
+        res[f"ngram_k{k}"] = {"tokens_compared": n, "same_ids": first is None, "first_diff": first,
+                              "plain_top2_margin_at_first_diff": None if first is None else margins[first]}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def fmt(x: Any, unit: str = "") -> str:
@@ -454,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     replay = section_replay(b)
     draft = section_draft_lm(b, args, replay)
     ngram = section_ngram(b, args)
+    agreement = section_agreement(b, args)
 
     m3 = replay["headline"][3.0][0]
     m43 = replay["headline"][4.3][0]
@@ -486,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
         "replay": replay,
         "draft_lm": draft,
         "ngram": ngram,
+        "agreement": agreement,
         "total_s": time.perf_counter() - t_start,
     }
     if args.out:
@@ -514,6 +545,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"({'real weights' if own['meaningful'] else 'random weights: meaningless'})")
     print("\n(d) prompt lookup, cost per round: " + ", ".join(
         f"k={k}: propose {v['propose_ms_per_round']:.3f} ms, round {v['round_ms']:.3f} ms" for k, v in ngram.items()))
+    agr = ", ".join(f"k={k}: " + ("same ids" if a["same_ids"] else f"part at token {a['first_diff']} (plain top-2 margin there "
+                                   f"{a['plain_top2_margin_at_first_diff']:.4f})")
+                    for k, a in ((k, agreement[f"ngram_k{k}"]) for k in (4, 8)))
+    print(f"\n(e) prompt lookup vs plain greedy ids, {b.dtype}: {agr}; plain top-2 margins: median "
+          f"{agreement['plain_median_top2_margin']:.4f}, min {agreement['plain_min_top2_margin']:.4f}")
     print(f"\n(e2e at m=3.0: measured mean accepted length {fmt(m3.get('e2e_mean_accepted_length'))} with the replay drafter, "
           f"{fmt(draft['e2e_m3.0_mean_accepted_length'])} with the draft LM; stages of the latter: "
           + ", ".join(f"{s} {v:.2f}" for s, v in draft["e2e_m3.0_stage_ms"].items()) + " ms)")

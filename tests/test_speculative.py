@@ -613,6 +613,7 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     assert all(r["calibrated"] for r in doc["replay"]["sweep"])  # fp32: the reference is exact at once
     assert "engine cost at controlled acceptance" in doc["what"]
     assert doc["stage_options"]["gpu_preprocess"] and doc["stage_options"]["vision"]["fuse"]  # the fast stages, applied
+    assert doc["agreement"]["ngram_k4"]["same_ids"] and doc["agreement"]["ngram_k8"]["same_ids"]  # fp32: exact
     assert any("ms/token at m=3.0, replay drafter" in line for line in proc.stdout.splitlines()[-10:])  # table last
 
 
