@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 D=.carry/data; O=${OUT:-/tmp/out}/next; mkdir -p $O
 STEPS=${STEPS:-"12 34"}  # "12": determinism + sampling tests; "34": speculative benchmark + tests
 if [[ $STEPS == *12* ]]; then
-timeout 200 python3 benchmarks/determinism.py --7b --modes sampling,greedy > $O/determinism_7b_h100.txt 2>&1; echo "rc=$?" >> $O/determinism_7b_h100.txt
+timeout 360 python3 benchmarks/determinism.py --7b --modes sampling,greedy > $O/determinism_7b_h100.txt 2>&1; echo "rc=$?" >> $O/determinism_7b_h100.txt
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sampling.py > $O/gpu_tests_sampling.txt 2>&1; echo "rc=$?" >> $O/gpu_tests_sampling.txt
 fi
 if [[ $STEPS == *34* ]]; then
