@@ -66,8 +66,9 @@ if not torch.cuda.is_available():  # the --tiny smoke test on CPU: Triton's inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from stagewise.engine import quant as Q  # noqa: E402
-from stagewise.engine.fast import linear as engine_linear  # noqa: E402
+from stagewise.engine.layers import linear as engine_linear  # noqa: E402
 from stagewise.engine.quant import QuantizedWeight, quantize_weight, unpack_int4  # noqa: E402
+from stagewise.measure.timing import graph_replay_times  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008), "lm_head": (32000, 4096)}
 PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "lm_head": 1}  # uses per LLaMA-7B decode step
@@ -128,29 +129,14 @@ def time_us(v: Variant, x: torch.Tensor, repeats: int) -> float:
         for w in weights:
             v.fn(x, w)
         return (time.perf_counter() - t0) * 1e6 / len(weights)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for w in weights:
-            v.fn(x, w)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def every_copy() -> None:
         for _ in range(rounds):
             for w in weights:
                 v.fn(x, w)
-    graph.replay()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        sync(device)
-        times.append(a.elapsed_time(b) * 1e3)  # us
-    del graph, weights
-    return statistics.median(times) / (rounds * n_copies)
+
+    times, _ = graph_replay_times(every_copy, repeats, warmup=1)
+    return statistics.median(times) * 1e3 / (rounds * n_copies)  # us
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -230,7 +216,7 @@ def decode_variants(kind: str, w: torch.Tensor, q: QuantizedWeight | None, M: in
     if kind == "bf16":
         out.append(Variant("cublas", "bf16", lambda x, w: F.linear(x, w), w, w.numel() * 2))
         if M == 1:
-            out.append(Variant("matvec", "bf16", compiled(lambda x, w: engine_linear(x, w, None, True), tune), w,
+            out.append(Variant("matvec", "bf16", compiled(lambda x, w: engine_linear(x, w, None, matvec=True, decode=True), tune), w,
                                w.numel() * 2, note="the engine's batch-1 formulation"))
         return out
     if M in args.compiled_ms:

@@ -34,7 +34,7 @@ from stagewise.engine.quant import QuantOptions, quantize_weight
 from stagewise.measure.agreement import logit_agreement
 from stagewise.measure.costmodel import measure_ceilings
 from stagewise.measure.env import environment
-from stagewise.measure.timing import time_ms
+from stagewise.measure.timing import graph_replay_times, time_ms
 from stagewise.models.base import Sample
 from stagewise.models.family import StageOptions
 from stagewise.models.registry import build_random
@@ -50,21 +50,7 @@ def graph_ms(fn, reps: int = 50) -> float:
     """Median ms of ``fn()`` replayed from a CUDA graph (CPU: plain calls)."""
     if not torch.cuda.is_available():
         return time_ms(fn, torch.device("cpu"), 3)[0]
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(graph_replay_times(fn, reps)[0])
 
 
 def choose_kernels(engine: FastEngine, kind: str, group: int, prompt_len: int) -> dict:

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from stagewise.measure.timing import graph_replay_times
 from stagewise.models.registry import build_random
 from stagewise.models.vision import FastClipTower
 
@@ -24,20 +25,7 @@ VARIANTS = [
 
 
 def graph_time_ms(fn, x: torch.Tensor, reps: int = 50) -> tuple[float, torch.Tensor]:
-    for _ in range(3):
-        fn(x)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn(x)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    times, out = graph_replay_times(lambda: fn(x), reps)
     return sorted(times)[reps // 2], out.clone()
 
 

@@ -126,3 +126,44 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[fl
         device_sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2], times, out
+
+
+def graph_replay_times(fn, repeats: int, *, warmup: int = 3) -> tuple[list[float], object]:
+    """Time ``fn`` replayed from a CUDA graph (benchmarks of kernels and short stages).
+
+    ``fn()`` runs ``warmup`` times on a side stream (compiles, autotunes, initializes cuBLAS, as
+    PyTorch's CUDA-graph notes ask before a capture), is captured once on the current device, the
+    graph is replayed once unmeasured, then ``repeats`` times, each between two CUDA events.
+
+    Args:
+        fn: the work, on tensors that stay alive (the graph reuses their memory); no host syncs.
+        repeats: measured replays.
+
+    Returns:
+        ``(ms of each replay, the captured call's result)``; the result's tensors are the graph's
+        static outputs, overwritten by every replay (clone to keep one).
+
+    Raises:
+        ValueError: CUDA is not available.
+    """
+    if not torch.cuda.is_available():
+        raise ValueError("graph_replay_times: needs CUDA")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times, out

@@ -1,0 +1,49 @@
+"""The benchmarks: every script imports against the package as it is now, the CPU smoke runs of
+the quantization scripts, and their CUDA-graph timer (stagewise.measure.timing.graph_replay_times)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagewise.measure.timing import graph_replay_times
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_graph_replay_times_refuses_without_cuda():
+    with pytest.raises(ValueError, match="needs CUDA"):
+        graph_replay_times(lambda: None, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_times_replays_the_captured_work():
+    x = torch.arange(1024, device="cuda", dtype=torch.float32)
+    acc = torch.zeros_like(x)
+    times, out = graph_replay_times(lambda: acc.add_(x), 5, warmup=2)
+    # 2 warm-up calls + the capture (not run) + 1 unmeasured replay + 5 measured ones = 8 additions
+    assert len(times) == 5 and all(t > 0 for t in times) and out is acc
+    assert torch.equal(acc, 8 * x)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_imports(name):
+    """A benchmark that no longer imports (a moved or renamed library function) fails here, on CPU."""
+    importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["quantization", "quant_kernels"])
+def test_quantization_benchmarks_smoke_on_cpu(script):
+    """Their ``--tiny`` runs end to end (figures mean nothing on CPU)."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
