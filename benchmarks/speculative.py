@@ -203,6 +203,18 @@ class Bench:
 # (a) verify step vs decode step
 
 
+def median_call_ms(device: torch.device, fn, calls: int) -> float:
+    """Median ms of ``calls`` back-to-back calls of ``fn`` (``StepTimer``: CUDA events between calls,
+    one sync at the end)."""
+    timer = StepTimer(device)
+    timer.mark()
+    for _ in range(calls):
+        fn()
+        timer.mark()
+    device_sync(device)
+    return median(timer.intervals_ms())
+
+
 def verify_times(b: Bench, eng: FastEngine, ks: list[int]) -> dict[int, float]:
     """Median CUDA-event time of one verify step (``extend`` of ``k + 1`` tokens, graph replay)
     per ``k``, at the middle of the generation's KV length."""
@@ -211,13 +223,7 @@ def verify_times(b: Bench, eng: FastEngine, ks: list[int]) -> dict[int, float]:
         eng.prefill(b.row, [b.S])
         eng.advance(b.new // 2)  # (the K/V there is stale: timing only)
         tokens = torch.zeros(1, k + 1, dtype=torch.long, device=b.device)
-        timer = StepTimer(b.device)
-        timer.mark()
-        for _ in range(max(10, 4 * b.repeats)):
-            eng.extend(tokens)
-            timer.mark()
-        device_sync(b.device)
-        out[k] = median(timer.intervals_ms())
+        out[k] = median_call_ms(b.device, lambda t=tokens: eng.extend(t), max(10, 4 * b.repeats))
     return out
 
 
@@ -351,13 +357,7 @@ def section_draft_lm(b: Bench, args: argparse.Namespace, replay: dict) -> dict:
     # graph-replayed draft step: one token against the draft's cache
     drafter.prefill(input_ids=ids)
     tok = torch.zeros(1, 1, dtype=torch.long, device=b.device)
-    timer = StepTimer(b.device)
-    timer.mark()
-    for _ in range(max(20, 10 * b.repeats)):
-        eng.extend(tok)
-        timer.mark()
-    device_sync(b.device)
-    step_ms = median(timer.intervals_ms())
+    step_ms = median_call_ms(b.device, lambda: eng.extend(tok), max(20, 10 * b.repeats))
     draft_prefill_ms = median([wall(lambda: drafter.prefill(input_ids=ids), b.device)[0] for _ in range(b.repeats)])
     res: dict = {"model": draft.name, "params": sum(p.numel() for p in draft.lm.parameters()), "shared_vocab": shared,
                  "warmup_s": warm_s, "step_ms": step_ms, "draft_prefill_ms": draft_prefill_ms, "controlled": {}, "cost_model": {}}
