@@ -3,7 +3,10 @@ the same prompt decoded three times by one engine, for engine variants (default;
 to one backend; CUDA graphs off; compile off; ``FastOptions.deterministic`` forced off and on —
 by default it is on when sampling), on a small LLaMA (hidden 512, 4 layers, vocabulary
 32001) and, with ``--7b``, on EventGPT-7B's LM shapes. Prints per variant whether the three runs gave
-the same ids and the same logits bit for bit.
+the same ids and the same logits bit for bit, and first whether the building blocks (``transformers``'
+forward, SDPA for prefill and decode, a GEMM) repeat their results bit for bit on this GPU. With
+``--7b`` only the default variant runs both modes; ``deterministic=False`` and the eager engine
+(no compile, no CUDA graphs) run seeded sampling only.
 
 Usage (GPU): ``PYTHONPATH=. python3 benchmarks/determinism.py [--7b]``
 """
@@ -30,13 +33,39 @@ def backend(name: str | None):
                          "cudnn": SDPBackend.CUDNN_ATTENTION}[name]])
 
 
+def same_thrice(fn) -> dict:
+    """Call ``fn`` three times: are the results equal bit for bit, and by how much do they differ."""
+    a, b, c = fn(), fn(), fn()
+    return {"same": bool(torch.equal(a, b) and torch.equal(a, c)), "max_diff": float(torch.maximum((a - b).abs().max(), (a - c).abs().max()))}
+
+
+@torch.no_grad()
+def kernel_checks(lm, embeds: torch.Tensor) -> dict:
+    """The building blocks, each run three times on the same inputs (eager, default backends):
+    ``transformers``' forward over the prompt (logits of its last position), SDPA over the prompt
+    (causal) and over one decode query against a masked static cache, and the MLP's largest GEMM."""
+    S, H = embeds.shape[1], lm.config.hidden_size
+    nh = lm.config.num_attention_heads
+    g = torch.Generator(device=embeds.device).manual_seed(1)
+    q, k, v = (torch.randn(1, nh, S, H // nh, device=embeds.device, dtype=embeds.dtype, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, S, device=embeds.device, dtype=embeds.dtype)
+    mask[..., S - 7:] = float("-inf")
+    x = torch.randn(S, H, device=embeds.device, dtype=embeds.dtype, generator=g)
+    w = lm.model.layers[0].mlp.up_proj.weight
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return {"hf_forward_last_logits": same_thrice(lambda: lm(inputs_embeds=embeds).logits[0, -1].float()),
+            "sdpa_prefill_causal": same_thrice(lambda: sdpa(q, k, v, is_causal=True)),
+            "sdpa_decode_masked": same_thrice(lambda: sdpa(q[:, :, -1:], k, v, attn_mask=mask)),
+            "gemm_prompt_x_up_proj": same_thrice(lambda: x @ w.t())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--7b", dest="big", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=46)
     ap.add_argument("--modes", default="greedy,sampling")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test only
     torch.manual_seed(0)
     kw = dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32) if args.big \
         else dict(vocab_size=32001, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8)
@@ -47,13 +76,16 @@ def main() -> None:
     variants = [("default", {}, None), ("deterministic=False", {"deterministic": False}, None),
                 ("deterministic=True", {"deterministic": True}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
                 ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
-    if args.big:
-        variants = variants[:3]
+    if args.big:  # each compiled 7B engine costs ~30-60 s of compilation: the default both ways, the rest sampling only
+        variants = [variants[0], variants[1], variants[-1]]
     modes = [m for m in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))) if m[0] in args.modes.split(",")]
-    out = {}
+    out = {"kernels": kernel_checks(lm, embeds)}
+    print("kernels", json.dumps(out["kernels"]), flush=True)
     for name, opts, be in variants:
         row = {}
         for mode, params in modes:
+            if args.big and name != "default" and mode != "sampling":
+                continue
             with backend(be):
                 eng = FastEngine(lm, FastOptions(max_seq=768, sampling=params, **opts))
                 eng.warmup(S, n, batch_sizes=[1])

@@ -34,6 +34,7 @@ from stagewise.engine.quant import QuantOptions, quantize_weight
 from stagewise.measure.agreement import logit_agreement
 from stagewise.measure.costmodel import measure_ceilings
 from stagewise.measure.env import environment
+from stagewise.measure.profile import format_table, kernel_table
 from stagewise.measure.timing import graph_replay_times, time_ms
 from stagewise.models.base import Sample
 from stagewise.models.family import StageOptions
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--tiny", action="store_true", help="eventgpt-tiny on CPU (smoke test)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS decode steps (graph replays) of every engine: a per-kernel table of the step")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the int4 end-to-end sample and the batch-16 figures")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -140,10 +144,17 @@ def main(argv: list[str] | None = None) -> dict:
         eng.warmup(S, n_new, batch_sizes=[1, batch] if batch > 1 else [1])
         return eng
 
+    def profile(eng: FastEngine) -> dict:
+        P = args.profile
+        return kernel_table(lambda pre: eng.decode(pre, P + 1, None), P, device, setup=lambda: eng.prefill(embeds, lengths))
+
     results: dict = {}
-    base = build(None, args.batch)
+    base = build(None, 1 if args.no_e2e else args.batch)
     results["bf16"] = measure(base, embeds, lengths, n_new, R, device)
-    results["bf16"]["b16_decode_throughput_tok_s"] = b16_decode_tok_s(base, row, n_new, args.batch)
+    if not args.no_e2e:
+        results["bf16"]["b16_decode_throughput_tok_s"] = b16_decode_tok_s(base, row, n_new, args.batch)
+    if args.profile:
+        results["bf16"]["profile"] = profile(base)
     results["bf16"]["engine_warmup_ms"] = base.warmup_ms
     ref_ids = base.decode(base.prefill(embeds, lengths), n_new, None).tokens.to(device)  # [1, n]
     forced = ref_ids[:, :-1]
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in args.kinds.split(","):
         k = kernels[kind]
         q = QuantOptions(kind, group_size=group, decode_impl=k["decode_impl"], prefill_impl=k["prefill_impl"])
-        batch = args.batch if kind == "int4" else 1
+        batch = args.batch if kind == "int4" and not args.no_e2e else 1
         try:
             eng = build(q, batch)
         except Exception as e:  # noqa: BLE001 - e.g. fp8 on a GPU without it: recorded
@@ -168,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         r["quantization"] = eng.quant_info
         got = eng.score(eng.prefill(embeds, lengths), forced)[0].float().cpu()
         r["agreement_vs_bf16"] = logit_agreement(ref_logits, got)
-        if kind == "int4":
+        if args.profile:
+            r["profile"] = profile(eng)
+        if kind == "int4" and not args.no_e2e:
             r["b16_decode_throughput_tok_s"] = b16_decode_tok_s(eng, row, n_new, args.batch)
             kw = dict(random_weights=True, max_new_tokens=n_new, seeds=[0], engine_name="fast")
             run_batch(model, eng, [sample], [n_new], **kw)
@@ -200,6 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:8s} {r['median_itl_ms']:16.3f} {TARGETS[name] or '':>8s} {'' if floor is None else f'{floor:7.3f}'} {mbu} "
               f"{r['prefill_ms']:11.2f} {r['prefill_ms'] / results['bf16']['prefill_ms']:7.2f} {b16} "
               f"{a.get('top1_agreement', float('nan')):10.3f} {a.get('max_abs_logit_diff', float('nan')):11.4f} {a.get('mean_kl', float('nan')):9.2e}  {kern}")
+    for name, r in results.items():
+        if "profile" in r:
+            t = r["profile"]
+            mm = t["by_class"].get("matmul")
+            bw_mm = f"; matmul kernels stream {r['weight_bytes_per_step'] / 1e9:.2f} GB/step at {r['weight_bytes_per_step'] / (mm * 1e-6) / 1e12:.2f} TB/s" if mm else ""
+            print("\n" + format_table(t, f"profile of the {name} decode step (graph replay, {args.profile} steps)") + bw_mm)
     if "int4" in results and "e2el_ms" in results["int4"]:
         print(f"one sample end to end, int4, {n_new} tokens: {results['int4']['e2el_ms']:.1f} ms (target <= 130)")
     if args.out:

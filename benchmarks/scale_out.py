@@ -24,10 +24,21 @@ the GPU with one seed and broadcast from rank 0 so every rank holds the same mod
 
 Targets (issue 12, 2 H200): TP=2 decode step and 641-token prefill <= 0.75x TP=1.
 
+``--dp`` measures instead why data parallel scales below T: every rank holds the whole model (TP=1)
+on its own GPU, and the same decode is timed in phases separated by CPU-only (gloo) barriers:
+each rank alone while the others sleep, then all ranks at once. Per phase and rank: the median
+decode step (CUDA events), a per-kernel profile of 20 graph-replayed steps
+(:func:`stagewise.measure.profile.kernel_table`: kernel time vs wall, so a slower kernel and an idle
+GPU read differently), and the GPU's SM / memory clocks, power and clock-event reasons sampled
+through NVML every 20 ms while it runs. Same step alone and together: the slowdown lies in the
+run loop, not the GPU; slower kernels together with lower clocks: the GPUs share a power or
+thermal budget.
+
 Usage (GPU, from the repository root; the package is imported normally, so make it importable)::
 
     PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --out $OUT/tp.json
     PYTHONPATH=$PWD python3 benchmarks/scale_out.py --out $OUT/tp1.json        # TP=1 only
+    PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --dp --out $OUT/dp.json
 
 Smoke test (CPU, gloo, tiny shapes)::
 
@@ -55,6 +66,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -70,6 +82,7 @@ from stagewise.engine.parallel import (  # noqa: E402
     make_collectives,
     time_all_reduce_us,
 )
+from stagewise.measure.profile import format_table, kernel_table  # noqa: E402
 
 LLAMA_7B = {
     "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -206,6 +219,126 @@ def guarded(fn: Callable[[], dict], what: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallel (--dp): the same TP=1 decode on each rank, alone and all at once
+
+
+class GpuSampler:
+    """Samples one GPU's SM and memory clocks (MHz), power (W) and clock-event reasons through NVML
+    (``pynvml``, from the nvidia-ml-py package) every ``period_s`` in a thread, between
+    :meth:`start` and :meth:`stop`. Without NVML (or on a CPU) it records nothing."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.02):
+        self.period_s, self.samples, self._stop = period_s, [], threading.Event()
+        self._nvml = self._handle = self._thread = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            # the NVML index of a CUDA device (CUDA_VISIBLE_DEVICES honoured), as torch.cuda.power_draw finds it
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
+            self._nvml = pynvml
+        except Exception as e:  # noqa: BLE001 - no NVML here: the phases are still timed
+            print(f"[scale_out] NVML unavailable ({type(e).__name__}: {e}); no clock samples", flush=True)
+
+    def _run(self) -> None:
+        n, h = self._nvml, self._handle
+        while not self._stop.is_set():
+            try:
+                reasons = n.nvmlDeviceGetCurrentClocksEventReasons(h) if hasattr(n, "nvmlDeviceGetCurrentClocksEventReasons") \
+                    else n.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+                self.samples.append((n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM), n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_MEM),
+                                     n.nvmlDeviceGetPowerUsage(h) / 1e3, int(reasons)))
+            except Exception:  # noqa: BLE001 - a failed sample is skipped
+                pass
+            self._stop.wait(self.period_s)
+
+    def start(self) -> None:
+        if self._nvml is None:
+            return
+        self.samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        """Median SM / memory clock (MHz), mean and max power (W), the OR of the clock-event
+        reason bits seen (NVML's ``nvmlClocksEventReason*`` flags), and the sample count."""
+        if self._thread is None:
+            return {}
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if not self.samples:
+            return {"n_samples": 0}
+        sm, mem, pw, rs = zip(*self.samples)
+        bits = 0
+        for r in rs:
+            bits |= r
+        return {"n_samples": len(sm), "sm_clock_mhz_median": statistics.median(sm), "mem_clock_mhz_median": statistics.median(mem),
+                "power_w_mean": statistics.fmean(pw), "power_w_max": max(pw), "clock_event_reasons": hex(bits)}
+
+
+def run_dp(lm, opts: FastOptions, embeds: torch.Tensor, args, ctx: DistContext) -> dict:
+    """Phases ``rank r alone`` (r = 0..T-1) and ``all ranks``: this rank's decode step (median of
+    ``--repeats`` decodes' per-step times), a kernel profile of 20 replayed steps, and NVML samples.
+    Phases are separated by gloo barriers, so a waiting rank leaves its GPU idle."""
+    device = embeds.device
+    gloo = dist.new_group(backend="gloo") if ctx.distributed else None
+    wait = (lambda: dist.barrier(group=gloo)) if gloo is not None else (lambda: None)
+    eng = FastEngine(lm, opts)
+    t0 = time.perf_counter()
+    eng.warmup(embeds.shape[1], args.new_tokens)
+    out: dict[str, Any] = {"warmup_s": time.perf_counter() - t0, "phases": {}}
+    sampler = GpuSampler(device)
+    S = embeds.shape[1]
+    phases = [(f"rank {r} alone", {r}) for r in range(ctx.world_size)] + ([("all ranks", set(range(ctx.world_size)))] if ctx.world_size > 1 else [])
+    for name, active in phases:
+        wait()
+        if ctx.rank in active:
+            sampler.start()
+            t_phase = time.time()
+            steps = []
+            for _ in range(args.repeats):
+                steps += eng.decode(eng.prefill(embeds, [S]), args.new_tokens, None).step_ms
+            prof = kernel_table(lambda pre: eng.decode(pre, 21, None), 20, device, setup=lambda: eng.prefill(embeds, [S]), top=12)
+            out["phases"][name] = {"decode_step_ms": statistics.median(steps), "decode_step_ms_p90": sorted(steps)[int(0.9 * (len(steps) - 1))],
+                                   "wall_start_unix_s": t_phase, "wall_end_unix_s": time.time(), "gpu": sampler.stop(), "profile": prof}
+        wait()
+    return out
+
+
+def main_dp(args, ctx: DistContext, lm, embeds: torch.Tensor, base: dict, res: dict) -> dict:
+    """``--dp``: :func:`run_dp` on every rank, gathered to rank 0 (``res["dp"][rank]``)."""
+    mine = guarded(lambda: run_dp(lm, FastOptions(**base), embeds, args, ctx), "DP phases")
+    if ctx.distributed:
+        got: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(got, mine)
+    else:
+        got = [mine]
+    res["dp"] = {str(r): g for r, g in enumerate(got)}
+    return res
+
+
+def dp_table(res: dict) -> str:
+    """Decode step per phase (rows) and rank (columns), with the SM clock and power."""
+    dp = res["dp"]
+    ranks = sorted(dp, key=int)
+    names = [f"rank {r} alone" for r in ranks] + (["all ranks"] if len(ranks) > 1 else [])
+    lines = ["| phase | " + " | ".join(f"rank {r}: step ms, busy, SM MHz, W" for r in ranks) + " |",
+             "| --- |" + " ---: |" * len(ranks)]
+    for n in names:
+        cells = []
+        for r in ranks:
+            ph = dp[r].get("phases", {}).get(n)
+            if ph is None:
+                cells.append("idle")
+                continue
+            g, busy = ph.get("gpu", {}), ph["profile"].get("busy_fraction")
+            cells.append(f"{ph['decode_step_ms']:.3f}, {'-' if busy is None else f'{busy:.0%}'}, "
+                         f"{g.get('sm_clock_mhz_median', '-')}, {g.get('power_w_mean', float('nan')):.0f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--one-shot-max-bytes", type=int, default=None, help="symm_mem buffer size (default: the engine's)")
     ap.add_argument("--check", action="store_true",
                     help="only the correctness check: fp32 tiny models, TP=T ids == TP=1 ids with each all-reduce (~1-2 min)")
+    ap.add_argument("--dp", action="store_true",
+                    help="only the data-parallel contention phases: every rank's TP=1 decode alone and all at once")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)
@@ -367,6 +502,23 @@ def main(argv: list[str] | None = None) -> dict:
     base = {"max_batch": 1, "max_seq": -(-(S + args.new_tokens) // 64) * 64, "kv_bucket": 64}
     if args.autotune is not None:
         base["autotune"] = bool(args.autotune)
+
+    if args.dp:
+        main_dp(args, ctx, lm, embeds, base, res)
+        res["total_s"] = time.perf_counter() - t_start
+        if ctx.rank == 0:
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(res, indent=2) + "\n")
+            print(json.dumps(res))
+            for r, d in res["dp"].items():
+                for n, ph in d.get("phases", {}).items():
+                    print(format_table(ph["profile"], f"rank {r}, {n}"))
+            print(dp_table(res), flush=True)
+        barrier(ctx)
+        if ctx.distributed:
+            dist.destroy_process_group()
+        return res
 
     # 1. the all-reduce alone
     numel = shapes["hidden_size"]

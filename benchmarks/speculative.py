@@ -305,12 +305,12 @@ def replay_point(b: Bench, m: float, k: int, *, e2e: bool = False) -> dict:
     return res
 
 
-def section_replay(b: Bench) -> dict:
+def section_replay(b: Bench, sweep: bool = True) -> dict:
     plain_tpot = median([median(b.plain().step_ms) for _ in range(b.repeats)])
     out: dict = {"plain_tpot_ms": plain_tpot, "headline": {}, "sweep": []}
     for m, ks in HEADLINE.items():
         out["headline"][m] = [replay_point(b, m, k, e2e=(m == 3.0 and k == ks[0])) for k in ks]
-    for m, k in (SMOKE_SWEEP if b.smoke else SWEEP).items():
+    for m, k in ({} if not sweep else SMOKE_SWEEP if b.smoke else SWEEP).items():
         out["sweep"].append(replay_point(b, m, k))
     out["e2e_plain_ms"] = median([b.e2e(lambda pre: b.engine.decode(pre, b.new, None))[0] for _ in range(b.repeats)])
     return out
@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default=None, help="an EventGPT checkpoint folder (default: random weights)")
     ap.add_argument("--draft-model", default=None, help="draft preset or checkpoint folder (default llama-68m)")
     ap.add_argument("--prompt-lookup-max", type=int, default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="(b): only the headline points, not the sweep over m")
     ap.add_argument("--extend-matvec-ks", default="4,8", help="k values to time the extend_matvec variant at ('' = skip)")
     args = ap.parse_args(argv)
     if args.repeats is None:
@@ -479,11 +480,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start = time.perf_counter()
     b = Bench(args)
-    verify = section_verify(b, [int(k) for k in args.extend_matvec_ks.split(",") if k])
-    replay = section_replay(b)
-    draft = section_draft_lm(b, args, replay)
-    ngram = section_ngram(b, args)
-    agreement = section_agreement(b, args)
+    def done(name: str, section: dict) -> dict:  # each section as it ends: a run cut short keeps what it measured
+        print(f"[speculative] {name} done at {time.perf_counter() - t_start:.0f} s: {json.dumps(section, default=str)}", flush=True)
+        return section
+
+    verify = done("(a) verify", section_verify(b, [int(k) for k in args.extend_matvec_ks.split(",") if k]))
+    replay = done("(b) replay", section_replay(b, sweep=not args.no_sweep))
+    draft = done("(c) draft LM", section_draft_lm(b, args, replay))
+    ngram = done("(d) prompt lookup", section_ngram(b, args))
+    agreement = done("(e) agreement", section_agreement(b, args))
 
     m3 = replay["headline"][3.0][0]
     m43 = replay["headline"][4.3][0]

@@ -4,6 +4,7 @@ the quantization scripts, and their CUDA-graph timer (stagewise.measure.timing.g
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def test_every_benchmark_imports(name):
 @pytest.mark.parametrize("script", ["quantization", "quant_kernels"])
 def test_quantization_benchmarks_smoke_on_cpu(script):
     """Their ``--tiny`` runs end to end (figures mean nothing on CPU)."""
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--tiny"], cwd=ROOT,
+    extra = ["--kinds", "int8,int4", "--profile", "3"] if script == "quantization" else []
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--tiny", *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if script == "quantization":
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert all(r["profile"]["wall_us_per_step"] > 0 for r in doc["results"].values())

@@ -422,6 +422,14 @@ def test_scale_out_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["check_ok"] is True and set(res["check"]) == {"mha.gloo", "gqa.gloo"}, res["check"]
+    # --dp: each rank alone, then both; every rank reports every phase it took part in
+    proc = subprocess.run(cmd + ["--dp", "--repeats", "1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert set(res["dp"]) == {"0", "1"}
+    for r in ("0", "1"):
+        assert set(res["dp"][r]["phases"]) == {f"rank {r} alone", "all ranks"}, res["dp"][r]
+        assert all(ph["decode_step_ms"] > 0 for ph in res["dp"][r]["phases"].values())
 
 
 def test_cost_model_counts_what_one_rank_holds():
