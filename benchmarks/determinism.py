@@ -5,8 +5,9 @@ by default it is on when sampling), on a small LLaMA (hidden 512, 4 layers, voca
 32001) and, with ``--7b``, on EventGPT-7B's LM shapes. Prints per variant whether the three runs gave
 the same ids and the same logits bit for bit, and first whether the building blocks (``transformers``'
 forward, SDPA for prefill and decode, a GEMM) repeat their results bit for bit on this GPU. With
-``--7b`` only the default variant runs both modes; ``deterministic=False`` and the eager engine
-(no compile, no CUDA graphs) run seeded sampling only.
+``--7b`` only the default variant runs both modes, then ``deterministic=True`` greedy and
+``deterministic=False`` sampling (each mode with the non-default setting); every row also gives the
+median decode step, so the setting's cost can be read off.
 
 Usage (GPU): ``PYTHONPATH=. python3 benchmarks/determinism.py [--7b]``
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from contextlib import nullcontext
 
 import torch
@@ -76,28 +78,31 @@ def main() -> None:
     variants = [("default", {}, None), ("deterministic=False", {"deterministic": False}, None),
                 ("deterministic=True", {"deterministic": True}, None), ("sdpa=efficient", {}, "efficient"), ("sdpa=math", {}, "math"),
                 ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
-    if args.big:  # each compiled 7B engine costs ~30-60 s of compilation: the default both ways, the rest sampling only
-        variants = [variants[0], variants[1], variants[-1]]
+    if args.big:  # each compiled 7B engine costs ~30-60 s of compilation: the default both ways, then the
+        variants = variants[:3]  # non-default setting of FastOptions.deterministic for each mode
     modes = [m for m in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))) if m[0] in args.modes.split(",")]
     out = {"kernels": kernel_checks(lm, embeds)}
     print("kernels", json.dumps(out["kernels"]), flush=True)
     for name, opts, be in variants:
         row = {}
         for mode, params in modes:
-            if args.big and name != "default" and mode != "sampling":
+            if args.big and name != "default" and (name == "deterministic=False") != (mode == "sampling"):
                 continue
             with backend(be):
                 eng = FastEngine(lm, FastOptions(max_seq=768, sampling=params, **opts))
                 eng.warmup(S, n, batch_sizes=[1])
-                ids, logits = [], []
+                ids, logits, steps = [], [], []
                 for _ in range(3):
                     pre = eng.prefill(embeds, [S], seeds=[7])
-                    ids.append(eng.decode(pre, n, None).tokens[0].tolist())
+                    out_ = eng.decode(pre, n, None)
+                    ids.append(out_.tokens[0].tolist())
+                    steps += out_.step_ms
                     logits.append(eng.score(eng.prefill(embeds, [S], seeds=[7]), torch.tensor([ids[0][:-1]], device=dev))[0])
             first = next((i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b), None)
             row[mode] = {"same_ids": ids[0] == ids[1] == ids[2], "first_diff": first,
                          "same_logits": bool(torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])),
-                         "max_logit_diff": float((logits[0] - logits[1]).abs().max())}
+                         "max_logit_diff": float((logits[0] - logits[1]).abs().max()),
+                         "deterministic_attention": eng.deterministic, "decode_step_ms_median": statistics.median(steps)}
             del eng
         out[name] = row
         print(name, json.dumps(row), flush=True)
