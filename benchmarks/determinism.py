@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--7b", dest="big", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=46)
     ap.add_argument("--modes", default="greedy,sampling")
+    ap.add_argument("--sdpa-row", action="store_true", help="--7b: also deterministic=True with SDPA step attention")
+    ap.add_argument("--skip-nondeterministic-sampling", action="store_true", help="--7b: no deterministic=False sampling row")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test only
     torch.manual_seed(0)
@@ -80,6 +82,10 @@ def main() -> None:
                 ("no cuda graphs", {"cuda_graphs": False}, None), ("no compile", {"compile": False, "cuda_graphs": False}, None)]
     if args.big:  # each compiled 7B engine costs ~30-60 s of compilation: the default both ways, then the
         variants = variants[:3]  # non-default setting of FastOptions.deterministic for each mode
+        if args.sdpa_row:
+            variants.append(("deterministic=True, sdpa", {"deterministic": True, "deterministic_step_attention": "sdpa"}, None))
+        if args.skip_nondeterministic_sampling:
+            variants = [v for v in variants if v[0] != "deterministic=False"]
     modes = [m for m in (("greedy", SamplingParams()), ("sampling", SamplingParams(temperature=0.4, seed=7))) if m[0] in args.modes.split(",")]
     out = {"kernels": kernel_checks(lm, embeds)}
     print("kernels", json.dumps(out["kernels"]), flush=True)
@@ -87,7 +93,7 @@ def main() -> None:
         row = {}
         for mode, params in modes:
             if args.big and name != "default" and (name == "deterministic=False") != (mode == "sampling"):
-                continue
+                continue  # deterministic=True rows: greedy only
             with backend(be):
                 eng = FastEngine(lm, FastOptions(max_seq=768, sampling=params, **opts))
                 eng.warmup(S, n, batch_sizes=[1])

@@ -26,14 +26,14 @@ Targets (issue 12, 2 H200): TP=2 decode step and 641-token prefill <= 0.75x TP=1
 
 ``--dp`` measures instead why data parallel scales below T: every rank holds the whole model (TP=1)
 on its own GPU, and the same decode is timed in phases separated by CPU-only (gloo) barriers:
-each rank alone while the others sleep, then all ranks at once (after a warm-up in turns, as
-``stagewise run`` does; ``--concurrent-warmup`` compiles and tunes on all ranks at once). Per phase and rank: the median
+each rank alone while the others sleep, then all ranks at once (``--warmup-in-turns``: the ranks
+compile and tune one at a time instead of together). Per phase and rank: the median
 decode step (CUDA events), a per-kernel profile of 20 graph-replayed steps
 (:func:`stagewise.measure.profile.kernel_table`: kernel time vs wall, so a slower kernel and an idle
 GPU read differently), and the GPU's SM / memory clocks, power and clock-event reasons sampled
-through NVML every 20 ms while it runs. Same step alone and together: the slowdown lies in the
-run loop, not the GPU; slower kernels together with lower clocks: the GPUs share a power or
-thermal budget.
+through NVML every 20 ms while it runs. Same step alone and together: no run-time contention;
+slower kernels together with lower clocks: the GPUs share a power or thermal budget; the same
+kernel slower on one rank at the same clocks: the ranks compiled different kernels.
 
 Usage (GPU, from the repository root; the package is imported normally, so make it importable)::
 
@@ -84,7 +84,6 @@ from stagewise.engine.parallel import (  # noqa: E402
     time_all_reduce_us,
 )
 from stagewise.measure.profile import format_table, kernel_table  # noqa: E402
-from stagewise.runner import warm_up_in_turns  # noqa: E402
 
 LLAMA_7B = {
     "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -295,11 +294,15 @@ def run_dp(lm, opts: FastOptions, embeds: torch.Tensor, args, ctx: DistContext) 
         eng.warmup(embeds.shape[1], args.new_tokens)
         return (time.perf_counter() - t0) * 1e3
 
-    if args.concurrent_warmup:
+    if args.warmup_in_turns:  # one rank at a time (a tried fix: it did not make the ranks' kernels equal)
+        warm_ms = 0.0
+        for turn in range(ctx.world_size):
+            if turn == ctx.rank:
+                warm_ms = warm()
+            wait()
+    else:
         warm_ms = warm()
-    else:  # as `stagewise run` does under data parallelism: one rank tunes, the others reuse its kernels
-        warm_ms = warm_up_in_turns(warm, ctx, 1, lambda c: wait())
-    out: dict[str, Any] = {"warmup_s": warm_ms / 1e3, "warmup": "at once" if args.concurrent_warmup else "in turns per node", "phases": {}}
+    out: dict[str, Any] = {"warmup_s": warm_ms / 1e3, "warmup": "in turns" if args.warmup_in_turns else "at once", "phases": {}}
     sampler = GpuSampler(device)
     S = embeds.shape[1]
     phases = [(f"rank {r} alone", {r}) for r in range(ctx.world_size)] + ([("all ranks", set(range(ctx.world_size)))] if ctx.world_size > 1 else [])
@@ -459,8 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only the correctness check: fp32 tiny models, TP=T ids == TP=1 ids with each all-reduce (~1-2 min)")
     ap.add_argument("--dp", action="store_true",
                     help="only the data-parallel contention phases: every rank's TP=1 decode alone and all at once")
-    ap.add_argument("--concurrent-warmup", action="store_true",
-                    help="--dp: all ranks compile and tune at once (default: in turns, as stagewise run does)")
+    ap.add_argument("--warmup-in-turns", action="store_true",
+                    help="--dp: the ranks compile and tune one at a time (default: all at once, as stagewise run does)")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)

@@ -377,8 +377,7 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
         config = {
             "requested": _jsonable(asdict(cfg)),
             "applied": {"stages": model.describe()["applied"], "engine": engine_facts(engine), "decoding": engine.sampling.describe(),
-                        "speculative": None if spec is None else speculation_facts(spec),
-                        "warmup": "in turns per node" if warms_in_turns(ctx, lay.tensor_parallel_size) else "at once"},
+                        "speculative": None if spec is None else speculation_facts(spec)},
             "model": model.name, "architecture": model.describe(), "env": environment(device),
             "world_size": ctx.world_size, "data_parallel_size": lay.dp_size, "rank_devices": devices,
             "n_samples": len(expanded), "max_seq": max_seq,
@@ -406,31 +405,27 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     # Timed cold start: engine warm-up (compile, CUDA-graph capture for every batch size the run
     # will use and every KV-length bucket from the shortest possible prefill), then warm-up
     # batches of the real samples. None of it is recorded.
+    device_sync(device)
+    t_warm = time.perf_counter()
     warm_src = todo or expanded
     sizes = {min(cfg.batch_size, len(warm_src))}
     if len(warm_src) % cfg.batch_size:
         sizes.add(len(warm_src) % cfg.batch_size)
-
-    def warm_up() -> float:
-        device_sync(device)
-        t_warm = time.perf_counter()
-        engine.warmup(max(1, model.n_vision_tokens), None, sorted(sizes))
-        s0 = warm_src[0]
-        try:
-            prep = model.preprocess(model.load(s0), s0.query)
-            s_len = int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0])
-            engine.warmup(s_len, None, sorted(sizes))
-            if spec is not None:
-                warm_speculation(spec, s0, prep, s_len, max(lengths.values()), cfg.num_speculative_tokens)
-        except Exception:  # noqa: BLE001 - a bad first sample is recorded by the measured loop
-            pass
-        for _ in range(cfg.warmup):
-            for size in sorted(sizes):
-                batch_of(warm_src[:size])
-        device_sync(device)
-        return (time.perf_counter() - t_warm) * 1e3
-
-    warmup_ms = warm_up_in_turns(warm_up, ctx, lay.tensor_parallel_size, barrier)
+    engine.warmup(max(1, model.n_vision_tokens), None, sorted(sizes))
+    s0 = warm_src[0]
+    try:
+        prep = model.preprocess(model.load(s0), s0.query)
+        s_len = int(model.build_inputs_embeds(prep, model.encode_vision(prep)).shape[0])
+        engine.warmup(s_len, None, sorted(sizes))
+        if spec is not None:
+            warm_speculation(spec, s0, prep, s_len, max(lengths.values()), cfg.num_speculative_tokens)
+    except Exception:  # noqa: BLE001 - a bad first sample is recorded by the measured loop
+        pass
+    for _ in range(cfg.warmup):
+        for size in sorted(sizes):
+            batch_of(warm_src[:size])
+    device_sync(device)
+    warmup_ms = (time.perf_counter() - t_warm) * 1e3
 
     barrier(ctx)  # the measured loops start together
     t_loop = time.perf_counter()
@@ -499,39 +494,6 @@ def execute(cfg: RunConfig, samples: list[Sample], run_dir: Path, *, resume: boo
     return summary
 
 
-def warms_in_turns(ctx: DistContext, tensor_parallel_size: int) -> bool:
-    """Whether :func:`warm_up_in_turns` serializes the warm-up: several processes on this node,
-    pure data parallelism."""
-    return ctx.distributed and tensor_parallel_size == 1 and ctx.local_world_size > 1
-
-
-def warm_up_in_turns(warm_up: Callable[[], float], ctx: DistContext, tensor_parallel_size: int,
-                     barrier: Callable[[DistContext], None]) -> float:
-    """Run ``warm_up`` (compile, tune, capture; returns its ms) on the ranks of one node ONE AT A
-    TIME under pure data parallelism, at once otherwise.
-
-    Why: the fast engine's decode kernels are chosen by timing (Inductor's coordinate-descent
-    tuning). Ranks that compile at the same moment time their candidates while the others compile
-    too, and can settle on different, slower configurations: on 2 x H200 one rank's fused
-    norm + projection kernel ran 33 % slower than the other's at the same clocks, alone or not
-    (docs/results/scale-out/NOTES.md). In turns, local rank 0 tunes on a quiet host and writes
-    Inductor's on-disk caches; the next ranks load the same kernels from them. Under tensor
-    parallelism the ranks' warm-ups run collectives together, so they cannot take turns (and the
-    LM head is not tuned there: stagewise.engine.fast).
-
-    Returns:
-        this rank's own warm-up time in ms (its wait for the other ranks excluded).
-    """
-    if not warms_in_turns(ctx, tensor_parallel_size):
-        return warm_up()
-    own = 0.0
-    for turn in range(ctx.local_world_size):
-        if turn == ctx.local_rank:
-            own = warm_up()
-        barrier(ctx)
-    return own
-
-
 def warm_speculation(spec: Speculation, sample: Sample, prep: Any, prompt_len: int, max_new_tokens: int, k: int) -> None:
     """Capture the verify graphs of the target and the draft engine's graphs for this run's
     lengths (the time goes to the engines' ``warmup_ms``)."""
@@ -567,7 +529,7 @@ def engine_facts(engine: Engine) -> dict[str, Any]:
     facts: dict[str, Any] = {"name": engine.name, "weight_bytes_per_step": engine.weight_bytes_per_step}
     if isinstance(engine, FastEngine):
         facts.update(compiled=engine.compiled, cuda_graphs=engine.use_graphs, prefill_graphs=engine.prefill_graphs,
-                     deterministic_attention=engine.deterministic,
+                     deterministic_attention=engine.deterministic, step_attention=engine.step_attention,
                      matvec=engine.matvec, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
                      max_batch=engine.max_batch, max_seq=engine.max_seq, quantization=engine.quant_info)
     return facts

@@ -488,8 +488,6 @@ def test_torchrun_data_parallel_run_merges_to_the_single_process_run(tmp_path):
     assert summary["loop_request_throughput_req_s"] == summary["data_parallel"]["samples_per_s"]
     cfg = json.loads((tmp_path / "dp" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["rank_devices"] == ["cpu", "cpu"]
-    assert cfg["applied"]["warmup"] == "in turns per node"  # data parallel: kernels tuned by one rank at a time
-    assert json.loads((tmp_path / "one" / "config.json").read_text())["applied"]["warmup"] == "at once"
     env_backup = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
@@ -519,20 +517,3 @@ def test_torchrun_tensor_parallel_run_gives_the_single_process_ids(tmp_path):
     assert [x.output_ids for x in tp] == [x.output_ids for x in one] and len(tp) == 2
     cfg = json.loads((tmp_path / "tp" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["data_parallel_size"] == 1
-
-
-def test_warm_up_takes_turns_only_under_pure_data_parallelism():
-    """One process, or tensor parallel ranks (their warm-ups run collectives together): at once.
-    Data parallel ranks on one node: in turns, each returning its own warm-up time only."""
-    from stagewise.distributed import DistContext
-    from stagewise.runner import warm_up_in_turns, warms_in_turns
-
-    single = DistContext()
-    dp = DistContext(rank=1, world_size=2, local_rank=1, local_world_size=2)
-    assert not warms_in_turns(single, 1) and not warms_in_turns(dp, 2) and warms_in_turns(dp, 1)
-    events = []
-    got = warm_up_in_turns(lambda: events.append("warm") or 7.0, dp, 1, lambda ctx: events.append("barrier"))
-    assert got == 7.0 and events == ["barrier", "warm", "barrier"], "rank 1 waits for rank 0's turn, then takes its own"
-    events.clear()
-    assert warm_up_in_turns(lambda: events.append("warm") or 3.0, dp, 2, lambda ctx: events.append("barrier")) == 3.0
-    assert events == ["warm"]

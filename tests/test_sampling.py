@@ -232,3 +232,33 @@ def test_seeded_sampling_repeats_its_ids_on_cuda():
         engine = fast_engine(lm, max_batch=2, max_seq=64, sampling=sampling)
         outs.append(run(engine, rows, new_tokens=24)[1].tokens.tolist())
     assert engine.deterministic and outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("rows,group", [(1, 1), (5, 1), (4, 4), (12, 4)])  # decode / verify steps, MHA and GQA
+def test_written_out_decode_attention_equals_sdpa(rows, group):
+    """attend_decode_math (the deterministic engine's step attention) is SDPA's function: fp32, the
+    same bias (hidden slots at -inf), rows = G * S query rows per KV head."""
+    from stagewise.engine.layers import attend_decode, attend_decode_math
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, L, hd = 2, 2, 37, 16
+    q = torch.randn(B, Hkv, rows, hd, generator=g)
+    k, v = torch.randn(B, Hkv, L, hd, generator=g), torch.randn(B, Hkv, L, hd, generator=g)
+    bias = torch.zeros(B, 1, 1, L)
+    bias[0, ..., :5] = float("-inf")  # a left-padded row
+    bias[:, ..., -3:] = float("-inf")  # slots not yet written
+    torch.testing.assert_close(attend_decode_math(q, k, v, bias), attend_decode(q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["compiled", "sdpa"])
+def test_deterministic_greedy_repeats_its_logits_on_cuda(impl):
+    """With FastOptions.deterministic, two engines give the same greedy ids (bf16), whichever step
+    attention they use; the engine records the one it applied."""
+    lm = tiny_lm(**GQA).cuda().to(torch.bfloat16)
+    rows = [p.cuda().to(torch.bfloat16) for p in prompts([9, 5])]
+    outs = []
+    for _ in range(2):
+        engine = fast_engine(lm, max_batch=2, max_seq=64, deterministic=True, deterministic_step_attention=impl)
+        outs.append(run(engine, rows, new_tokens=24)[1].tokens.tolist())
+    assert engine.deterministic and engine.step_attention == impl and outs[0] == outs[1]

@@ -83,6 +83,7 @@ from stagewise.engine.layers import (
     LayerWeights,
     Reduce,
     attend_decode,
+    attend_decode_math,
     attend_prefill,
     decode_in,
     decode_out,
@@ -146,6 +147,11 @@ class FastOptions:
             cuDNN backend, which PyTorch may pick for the decode step on an H100, is not, and made
             two seeded 7B decodes differ after ~30 tokens on an H100). ``None``: on when sampling
             (a seed must reproduce its tokens), off when greedy.
+        deterministic_step_attention: how decode / verify steps attend when ``deterministic``:
+            ``"compiled"`` (:func:`~stagewise.engine.layers.attend_decode_math`, compiled into
+            fixed-order reductions) or ``"sdpa"`` (SDPA's memory-efficient backend, which cost
+            ~20 % of a 7B decode step on an H200: docs/results/determinism/NOTES.md). The prefill
+            always uses SDPA restricted to the memory-efficient and math backends.
         extend_matvec: batch-1 :meth:`FastEngine.extend` projections (a speculative verify step's
             ``k + 1`` rows) as compiler-generated reductions that stream each weight row once for
             all rows (:func:`stagewise.engine.layers.linear`) instead of cuBLAS; meant with
@@ -174,6 +180,7 @@ class FastOptions:
     quantize: QuantOptions | None = None
     extend_matvec: bool = False
     deterministic: bool | None = None
+    deterministic_step_attention: str = "compiled"
     tensor_parallel: TensorParallel | None = None
 
     def __post_init__(self) -> None:
@@ -282,6 +289,8 @@ class FastEngine:
         self.device = lm.lm_head.weight.device
         wants = (not options.sampling.greedy) if options.deterministic is None else options.deterministic
         self.deterministic = bool(wants) and self.device.type == "cuda"  # CPU kernels are deterministic already
+        if options.deterministic_step_attention not in ("compiled", "sdpa"):
+            raise ValueError(f"fast engine: deterministic_step_attention must be 'compiled' or 'sdpa', got {options.deterministic_step_attention!r}")
         self.dtype = lm.lm_head.weight.dtype
         on_cuda = self.device.type == "cuda"
         self.compiled = on_cuda if options.compile is None else options.compile
@@ -357,6 +366,12 @@ class FastEngine:
             self._prefill_in, self._prefill_out, self._prefill_head = prefill_in, prefill_out, prefill_head
             self._decode_in, self._decode_out = decode_in, decode_out
             self._step_in, self._step_out, self._head = step_in, step_out, head
+        # decode / verify attention: SDPA, or (deterministic) the written-out form, one compiled
+        # artifact for every cache length
+        self.step_attention = "compiled" if self.deterministic and options.deterministic_step_attention == "compiled" else "sdpa"
+        self._attend_step = attend_decode
+        if self.step_attention == "compiled":
+            self._attend_step = torch.compile(attend_decode_math, fullgraph=True, dynamic=True) if self.compiled else attend_decode_math
 
         self.max_batch = 0
         self.max_seq = 0
@@ -757,8 +772,8 @@ class FastEngine:
                                       self.embed, self.rope_table, group=d.group)
         for w, kv in zip(self.layers, kvs):
             q = self._decode_in(x, w, rope, kv, buf.slot, dims=d, matvec=mv)
-            with self._attention_backends():
-                attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)  # slots in use
+            with self._attention_backends(step=True):
+                attn = self._attend_step(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)  # slots in use
             x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
         noise = None if self.sampling.greedy else gumbel_noise(buf.seeds, buf.step, d.vocab)  # eager kernels
         self._step_out(x, self.norm_w, self.lm_head, buf, noise, dims=d, matvec=mv, sampling=self.sampling)
@@ -773,8 +788,8 @@ class FastEngine:
         slots = buf.slot + self._arange[:S]  # [S]
         for w, kv in zip(self.layers, kvs):
             q = self._decode_in(x, w, rope, kv, slots, dims=d, matvec=mv)
-            with self._attention_backends():
-                attn = attend_decode(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
+            with self._attention_backends(step=True):
+                attn = self._attend_step(q, kv[0][:, :, :length], kv[1][:, :, :length], bias)
             x = self._decode_out(x, attn, w, dims=d, matvec=mv, reduce=self.reduce)
         buf.ext_logits[:, :S].copy_(self._head(x, self.norm_w, self.lm_head, dims=d, matvec=mv))
 
@@ -803,9 +818,10 @@ class FastEngine:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
 
-    def _attention_backends(self) -> contextlib.AbstractContextManager:
-        """The SDPA backends attention may use (:attr:`FastOptions.deterministic`)."""
-        if not self.deterministic:
+    def _attention_backends(self, step: bool = False) -> contextlib.AbstractContextManager:
+        """The SDPA backends attention may use (:attr:`FastOptions.deterministic`); a decode or
+        verify ``step`` that attends without SDPA needs none."""
+        if not self.deterministic or (step and self.step_attention != "sdpa"):
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -262,6 +262,20 @@ def attend_decode(q, k, v, bias) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+def attend_decode_math(q, k, v, bias) -> torch.Tensor:
+    """:func:`attend_decode` written out (scores, softmax, weighted sum of values; fp32 inside),
+    for :attr:`~stagewise.engine.fast.FastOptions.deterministic`: compiled, every reduction is a
+    generated kernel with a fixed order (no split-KV, no atomics), so the result is bit-for-bit the
+    same run to run, unlike cuDNN's SDPA kernel; the same function as SDPA up to rounding.
+
+    q: ``[B, Hkv, G * S, hd]``; k, v: ``[B, Hkv, L, hd]``; bias ``[B, 1, 1 or G * S, L]``.
+    Returns ``[B, Hkv, G * S, hd]`` in ``q``'s dtype.
+    """
+    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * q.shape[-1] ** -0.5 + bias.float()  # [B, Hkv, GS, L]
+    p = torch.softmax(scores, dim=-1)
+    return (p[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)
+
+
 def decode_out(x, attn, w: LayerWeights, *, dims: Dims, matvec: bool, reduce: Reduce = no_reduce) -> torch.Tensor:
     """Rest of the layer for ``S`` new tokens. attn: ``[B, Hkv, G * S, hd]`` -> new x ``[B, S, D]``."""
     B, S = x.shape[:2]
