@@ -35,6 +35,9 @@ through NVML every 20 ms while it runs. Same step alone and together: no run-tim
 slower kernels together with lower clocks: the GPUs share a power or thermal budget; the same
 kernel slower on one rank at the same clocks: the ranks compiled different kernels.
 
+``--profile STEPS`` adds a per-kernel profile of each engine's decode step (rank 0's tables are
+printed): what halves under TP and what does not.
+
 Usage (GPU, from the repository root; the package is imported normally, so make it importable)::
 
     PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --out $OUT/tp.json
@@ -181,6 +184,10 @@ def run_engine(lm, opts: FastOptions, embeds: torch.Tensor, args, *, compute_onl
         eng.warmup(embeds.shape[1], args.new_tokens)
         res = measure_engine(eng, embeds, args.new_tokens, args.repeats)
         res["warmup_s"] = time.perf_counter() - t0
+        if args.profile:  # where this rank's decode step goes, kernel by kernel (collectives included)
+            S, P = embeds.shape[1], args.profile
+            res["profile"] = kernel_table(lambda pre, e=eng: e.decode(pre, P + 1, None), P, embeds.device,
+                                          setup=lambda e=eng: e.prefill(embeds, [S]), top=15)
         if eng.tp is not None:
             res["applied"] = eng.tp.describe()
         return res
@@ -464,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only the data-parallel contention phases: every rank's TP=1 decode alone and all at once")
     ap.add_argument("--warmup-in-turns", action="store_true",
                     help="--dp: the ranks compile and tune one at a time (default: all at once, as stagewise run does)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also a per-kernel profile of STEPS decode steps of every engine (TP=1, TP=T, compute-only)")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)
@@ -584,6 +593,9 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res))
+        for name, r in [("TP=1", res.get("tp1", {})), ("compute-only", res.get("compute_only", {}))] + [(f"TP={T} {i}", r) for i, r in res["tp"].items()]:
+            if "profile" in r:
+                print(format_table(r["profile"], f"rank 0, {name} decode step"))
         print(table(res), flush=True)
     barrier(ctx)
     if ctx.distributed:

@@ -21,7 +21,7 @@ def test_graph_replay_times_refuses_without_cuda():
         graph_replay_times(lambda: None, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_graph_replay_times_replays_the_captured_work():
     x = torch.arange(1024, device="cuda", dtype=torch.float32)
     acc = torch.zeros_like(x)
@@ -52,3 +52,12 @@ def test_quantization_benchmarks_smoke_on_cpu(script):
     if script == "quantization":
         doc = json.loads(proc.stdout.strip().splitlines()[-1])
         assert all(r["profile"]["wall_us_per_step"] > 0 for r in doc["results"].values())
+
+
+def test_verify_profile_smoke_on_cpu():
+    """benchmarks/verify_profile.py --tiny runs the decode and verify profiles end to end (CPU: the
+    tables hold wall times only; figures mean nothing)."""
+    from benchmarks.verify_profile import main
+
+    res = main(["--tiny", "--steps", "2", "--ks", "2"])
+    assert res["decode"]["wall_us_per_step"] > 0 and res["verify"][2]["wall_us_per_step"] > 0

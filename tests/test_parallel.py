@@ -408,7 +408,7 @@ def test_scale_out_benchmark_smoke(tmp_path):
     holds every section (the figures are CPU timings and mean nothing); its --check passes."""
     out = tmp_path / "tp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-           str(ROOT / "benchmarks" / "scale_out.py"), "--smoke", "--out", str(out)]
+           str(ROOT / "benchmarks" / "scale_out.py"), "--smoke", "--profile", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
@@ -417,6 +417,7 @@ def test_scale_out_benchmark_smoke(tmp_path):
     assert res["tp"]["gloo"]["ranks_agree"] is True
     assert res["all_reduce"]["gloo"]["eager_us"] > 0 and res["all_reduce"]["gloo"]["correct"] is True
     assert "collective_share" in res["tp"]["gloo"]
+    assert all(r["profile"]["wall_us_per_step"] > 0 for r in (res["tp1"], res["tp"]["gloo"], res["compute_only"]))
     # --check: TP=2 ids == TP=1 ids through the benchmark's own device check
     proc = subprocess.run(cmd + ["--check"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

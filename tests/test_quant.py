@@ -568,7 +568,7 @@ def _gpu_tol(x: torch.Tensor, q: QuantizedWeight, ref: torch.Tensor) -> torch.Te
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_gpu_compiled_kernels_in_cuda_graphs_are_exact_and_deterministic(kind, impl):
@@ -607,7 +607,7 @@ def test_gpu_compiled_kernels_in_cuda_graphs_are_exact_and_deterministic(kind, i
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_gpu_fp8_scaled_mm_prefill():
     if not Q.fp8_supported("cuda"):
         pytest.skip("GPU without fp8")
@@ -627,7 +627,7 @@ def test_gpu_fp8_scaled_mm_prefill():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_triton_prefill_with_dynamic_rows(kind):
     """The engine compiles prefill with the row count dynamic: one compiled artifact must serve

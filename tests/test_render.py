@@ -166,7 +166,7 @@ def test_both_renderers_size_images_by_one_rule():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_torch_renderer_on_gpu(scene):
     got = torch.stack(render_event_images_torch(scene.events, 5, sensor_size=(480, 640), device="cuda"))
     want = np.stack(render_event_images(scene.events, 5, sensor_size=(480, 640)))

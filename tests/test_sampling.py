@@ -222,7 +222,7 @@ def test_deterministic_attention_is_asked_for_when_sampling_and_recorded_as_appl
     assert engine_facts(fast_engine(lm, max_seq=32, deterministic=True))["deterministic_attention"] is on_cuda
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_seeded_sampling_repeats_its_ids_on_cuda():
     lm = tiny_lm(**GQA).cuda().to(torch.bfloat16)
     sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
@@ -250,7 +250,7 @@ def test_written_out_decode_attention_equals_sdpa(rows, group):
     torch.testing.assert_close(attend_decode_math(q, k, v, bias), attend_decode(q, k, v, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["compiled", "sdpa"])
 def test_deterministic_greedy_repeats_its_logits_on_cuda(impl):
     """With FastOptions.deterministic, two engines give the same greedy ids (bf16), whichever step

@@ -723,7 +723,7 @@ def test_three_families_greedy_ids_equal_plain(families, fam):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("extend_matvec", [False, True])
 def test_cuda_graph_speculative_ids_equal_plain_fp32(extend_matvec):
     torch.backends.cuda.matmul.allow_tf32 = False
