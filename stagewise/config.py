@@ -101,7 +101,8 @@ class RunConfig:
     Attributes:
         preset / weights / tokenizer / vision_tower: the model (``weights``: ``"random"`` or a folder).
         device / dtype / seed: where, in which precision; the base seed (sampling, random weights).
-        engine / batch_size / kv_bucket / check_every / cuda_graphs / compile: the decode engine.
+        engine / batch_size / kv_bucket / check_every / deterministic / cuda_graphs / compile / autotune:
+            the decode engine (``autotune``: timing-based tuning of the fast engine's compiled kernels).
         speculate / num_speculative_tokens / draft_model / prompt_lookup_max / prompt_lookup_min:
             speculative decoding in the fast engine (``ngram``: prompt lookup; ``draft_model``: a
             text-only LLaMA draft, a preset such as ``llama-68m`` or a folder; ``multimodal_draft``:
@@ -135,6 +136,7 @@ class RunConfig:
     deterministic: bool = False
     cuda_graphs: bool = True
     compile: bool = True
+    autotune: bool = True
     output_len: str = "fixed:46"
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -276,6 +278,7 @@ class RunConfig:
             return HFOptions(sampling=self.sampling)
         return FastOptions(max_batch=max_batch, max_seq=max_seq, kv_bucket=self.kv_bucket, check_every=self.check_every,
                            compile=None if self.compile else False, cuda_graphs=None if self.cuda_graphs else False,
+                           autotune=None if self.autotune else False,
                            sampling=self.sampling, quantize=self.quant_options(), deterministic=True if self.deterministic else None)
 
     def resume_diff(self, recorded: dict) -> list[str]:
@@ -305,6 +308,9 @@ class RunConfig:
         e.add_argument("--deterministic", action="store_true", help="fast: deterministic attention kernels also when greedy (always on when sampling)")
         e.add_argument("--no-cuda-graphs", action="store_true", help="fast: run the decode step without CUDA graphs")
         e.add_argument("--no-compile", action="store_true", help="fast: run the layer functions eagerly")
+        e.add_argument("--no-autotune", action="store_true",
+                       help="fast: no timing-based tuning of the compiled decode kernels (each process then compiles the same "
+                            "kernels: data parallel ranks tune differently otherwise, docs/scale_out.md)")
         e.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size, help="fast, under torchrun: split the decoder over T GPUs of one host (default 1)")
         e.add_argument("--all-reduce", default=d.all_reduce, choices=["auto", "nccl", "symm_mem", "gloo"], help="tensor parallel all-reduce (default auto: symmetric-memory one-shot on CUDA, gloo on CPU)")
         e.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4", "fp8"], help="fast: weight-only quantization of the decoder's linear layers and LM head (default none)")
@@ -366,7 +372,7 @@ class RunConfig:
             device=device, dtype=DTYPES.get(dtype, dtype), seed=args.seed,
             engine=args.engine, batch_size=args.batch_size, kv_bucket=args.kv_bucket, check_every=args.check_every,
             deterministic=args.deterministic,
-            cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
+            cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile, autotune=not args.no_autotune,
             speculate=args.speculate, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
             tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.all_reduce,

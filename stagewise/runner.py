@@ -529,7 +529,7 @@ def engine_facts(engine: Engine) -> dict[str, Any]:
     facts: dict[str, Any] = {"name": engine.name, "weight_bytes_per_step": engine.weight_bytes_per_step}
     if isinstance(engine, FastEngine):
         facts.update(compiled=engine.compiled, cuda_graphs=engine.use_graphs, prefill_graphs=engine.prefill_graphs,
-                     deterministic_attention=engine.deterministic, step_attention=engine.step_attention,
+                     deterministic_attention=engine.deterministic, step_attention=engine.step_attention, autotune=engine.autotune,
                      matvec=engine.matvec, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
                      max_batch=engine.max_batch, max_seq=engine.max_seq, quantization=engine.quant_info)
     return facts

@@ -94,3 +94,16 @@ def test_fast_engine_and_fast_stages_end_to_end(tmp_path):
     assert applied["gpu_preprocess"] and applied["fuse_vision"] and applied["vision_fast_tower"]
     assert not applied["vision_graph"] and not applied["vision_compile"]
     assert cfg["applied"]["engine"]["compiled"] is False and cfg["applied"]["engine"]["cuda_graphs"] is False
+    assert cfg["applied"]["engine"]["autotune"] is False  # nothing compiled, nothing tuned
+
+
+def test_no_autotune_reaches_the_engine_options():
+    """--no-autotune: the fast engine gets autotune=False (recorded as applied); by default the
+    engine decides (on when it compiles on CUDA)."""
+    from stagewise.cli import build_parser
+    from stagewise.config import RunConfig
+
+    args = build_parser().parse_args(["run", "--engine", "fast", "--no-autotune"])
+    off = RunConfig.from_args(args, preset="eventgpt-tiny", inputs={})
+    assert off.autotune is False and off.engine_options(max_batch=1, max_seq=64).autotune is False
+    assert RunConfig(engine="fast").engine_options(max_batch=1, max_seq=64).autotune is None

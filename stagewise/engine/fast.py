@@ -298,6 +298,7 @@ class FastEngine:
         self.prefill_graphs = self.use_graphs if options.prefill_graphs is None else options.prefill_graphs and on_cuda
         self.matvec = self.compiled if options.matvec is None else options.matvec
         autotune = self.compiled and on_cuda if options.autotune is None else options.autotune
+        self.autotune = bool(autotune) and self.compiled
         self.kv_bucket = options.kv_bucket
         self.check_every = options.check_every
         self.warmup_ms = 0.0
