@@ -454,6 +454,21 @@ def table(res: dict) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def finish(res: dict, args, ctx: DistContext, report: Callable[[], str]) -> dict:
+    """End of a run, on every rank: rank 0 writes the JSON (``--out``) and prints it, then the
+    text ``report()`` returns; the ranks meet and leave the process group."""
+    if ctx.rank == 0:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res))
+        print(report(), flush=True)
+    barrier(ctx)
+    if ctx.distributed:
+        dist.destroy_process_group()
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON output (rank 0)")
@@ -504,17 +519,10 @@ def main(argv: list[str] | None = None) -> dict:
         res.update(model="tiny (mha, gqa), fp32, compiled and graph-captured on CUDA", dtype="float32", prompt_len=None, new_tokens=16)
         res["check"] = run_check(ctx, impls, tp_of)
         res["check_ok"] = all(r.get("ok") for r in res["check"].values()) if ctx.rank == 0 else None
-        if ctx.rank == 0:
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(res, indent=2) + "\n")
-            print(json.dumps(res))
-            for name, r in res["check"].items():
-                print(f"| {name} | {r.get('applied', {}).get('all_reduce', '-')} | ids equal TP=1: {r.get('ids_equal_tp1')} | "
-                      f"max |logit diff| {r.get('max_abs_logit_diff')} | {'ok' if r.get('ok') else 'FAILED ' + r.get('error', '')} |")
-        barrier(ctx)
-        dist.destroy_process_group()
-        return res
+        return finish(res, args, ctx, lambda: "\n".join(
+            f"| {name} | {r.get('applied', {}).get('all_reduce', '-')} | ids equal TP=1: {r.get('ids_equal_tp1')} | "
+            f"max |logit diff| {r.get('max_abs_logit_diff')} | {'ok' if r.get('ok') else 'FAILED ' + r.get('error', '')} |"
+            for name, r in res["check"].items()))
 
     t_start = time.perf_counter()
     lm = build_lm(shapes, device, dtype, ctx)
@@ -530,19 +538,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dp:
         main_dp(args, ctx, lm, embeds, base, res)
         res["total_s"] = time.perf_counter() - t_start
-        if ctx.rank == 0:
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(res, indent=2) + "\n")
-            print(json.dumps(res))
-            for r, d in res["dp"].items():
-                for n, ph in d.get("phases", {}).items():
-                    print(format_table(ph["profile"], f"rank {r}, {n}"))
-            print(dp_table(res), flush=True)
-        barrier(ctx)
-        if ctx.distributed:
-            dist.destroy_process_group()
-        return res
+        return finish(res, args, ctx, lambda: "\n".join(
+            [format_table(ph["profile"], f"rank {r}, {n}") for r, d in res["dp"].items() for n, ph in d.get("phases", {}).items()]
+            + [dp_table(res)]))
 
     # 1. the all-reduce alone
     numel = shapes["hidden_size"]
@@ -588,19 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "tp1" in res:
         res["tp1"].pop("tokens", None)
     res["total_s"] = time.perf_counter() - t_start
-    if ctx.rank == 0:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(json.dumps(res))
-        for name, r in [("TP=1", res.get("tp1", {})), ("compute-only", res.get("compute_only", {}))] + [(f"TP={T} {i}", r) for i, r in res["tp"].items()]:
-            if "profile" in r:
-                print(format_table(r["profile"], f"rank 0, {name} decode step"))
-        print(table(res), flush=True)
-    barrier(ctx)
-    if ctx.distributed:
-        dist.destroy_process_group()
-    return res
+    engines = [("TP=1", res.get("tp1", {})), ("compute-only", res.get("compute_only", {}))] + [(f"TP={T} {i}", r) for i, r in res["tp"].items()]
+    return finish(res, args, ctx, lambda: "\n".join(
+        [format_table(r["profile"], f"rank 0, {name} decode step") for name, r in engines if "profile" in r] + [table(res)]))
 
 
 if __name__ == "__main__":

@@ -272,8 +272,9 @@ class FastEngine:
         n_host_syncs: host reads of device state made by :meth:`decode` (EOS looks, the final copy).
 
     Raises:
-        ValueError: an unsupported model (activation, RoPE type, head counts), or head counts /
-            MLP width not divisible by the tensor-parallel size.
+        ValueError: an unsupported model (activation, RoPE type, head counts), head counts /
+            MLP width not divisible by the tensor-parallel size, or an unknown
+            ``deterministic_step_attention``.
     """
 
     name = "fast"
