@@ -35,8 +35,10 @@ Usage (GPU; the package imported normally, e.g. ``PYTHONPATH=.``)::
 the Inductor form run eagerly, host timing; the figures mean nothing): a test of this script. It
 skips the Triton rows cleanly when Triton is not installed.
 
-Run time on an H100: estimated (not measured) ~60 s: ~28 Triton compiles (shared by the shapes),
-18 Inductor compiles, ~300 timings of ~50 ms.
+Run time on an H100: not measured yet; estimated 60-90 s with cold caches: 28 Triton compiles
+(~0.5 s each, shared by all shapes: every N, K here is a multiple of 16, so one specialization),
+18 Inductor compiles (the 9 tuned ones the longest: coordinate descent compiles and times its
+candidates), ~300 timings of 10 graph replays. ``--shapes`` narrows the run.
 """
 
 from __future__ import annotations
