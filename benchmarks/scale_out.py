@@ -38,6 +38,11 @@ kernel slower on one rank at the same clocks: the ranks compiled different kerne
 ``--profile STEPS`` adds a per-kernel profile of each engine's decode step (rank 0's tables are
 printed): what halves under TP and what does not.
 
+``--matvec-kernel triton`` builds every engine (TP=1, TP=T, compute-only, DP, ``--check``) with
+``FastOptions(matvec_kernel="triton")``: the dense decode projections run the hand-written Triton
+GEMV with launch parameters fixed by the shape instead of the compiled, timing-tuned reductions
+(the candidate fix for kernels that differ per compile and per rank); the JSON records it.
+
 Usage (GPU, from the repository root; the package is imported normally, so make it importable)::
 
     PYTHONPATH=$PWD torchrun --nproc-per-node 2 benchmarks/scale_out.py --out $OUT/tp.json
@@ -184,6 +189,7 @@ def run_engine(lm, opts: FastOptions, embeds: torch.Tensor, args, *, compute_onl
         eng.warmup(embeds.shape[1], args.new_tokens)
         res = measure_engine(eng, embeds, args.new_tokens, args.repeats)
         res["warmup_s"] = time.perf_counter() - t0
+        res["matvec_kernel"] = eng.matvec_kernel  # as applied
         if args.profile:  # where this rank's decode step goes, kernel by kernel (collectives included)
             S, P = embeds.shape[1], args.profile
             res["profile"] = kernel_table(lambda pre, e=eng: e.decode(pre, P + 1, None), P, embeds.device,
@@ -309,7 +315,8 @@ def run_dp(lm, opts: FastOptions, embeds: torch.Tensor, args, ctx: DistContext) 
             wait()
     else:
         warm_ms = warm()
-    out: dict[str, Any] = {"warmup_s": warm_ms / 1e3, "warmup": "in turns" if args.warmup_in_turns else "at once", "phases": {}}
+    out: dict[str, Any] = {"warmup_s": warm_ms / 1e3, "warmup": "in turns" if args.warmup_in_turns else "at once",
+                           "matvec_kernel": eng.matvec_kernel, "phases": {}}
     sampler = GpuSampler(device)
     S = embeds.shape[1]
     phases = [(f"rank {r} alone", {r}) for r in range(ctx.world_size)] + ([("all ranks", set(range(ctx.world_size)))] if ctx.world_size > 1 else [])
@@ -391,7 +398,7 @@ def check_cases(eng: FastEngine, device: torch.device, rank: int) -> dict[str, t
     return out
 
 
-def run_check(ctx: DistContext, impls: list[str], tp_of: Callable[[str], TensorParallel]) -> dict:
+def run_check(ctx: DistContext, impls: list[str], tp_of: Callable[[str], TensorParallel], matvec_kernel: str = "inductor") -> dict:
     """TP=T ids must EQUAL TP=1 ids in fp32 (as tests/test_parallel.py argues for CPU), here with
     torch.compile, CUDA graphs and each all-reduce; logits within 1e-3 (TF32 off)."""
     device = torch.device(ctx.device)
@@ -401,7 +408,7 @@ def run_check(ctx: DistContext, impls: list[str], tp_of: Callable[[str], TensorP
     out: dict[str, Any] = {}
     for variant, shapes in CHECK_MODELS.items():
         lm = build_lm(shapes, device, torch.float32, ctx)
-        opts = {"max_batch": 3, "max_seq": 64, "kv_bucket": 16}
+        opts = {"max_batch": 3, "max_seq": 64, "kv_bucket": 16, "matvec_kernel": matvec_kernel}
         ref = None
         if ctx.rank == 0:
             ref = check_cases(FastEngine(lm, FastOptions(**opts)), device, 0)
@@ -479,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calls", type=int, default=100, help="all-reduces per timed run")
     ap.add_argument("--autotune", type=int, choices=[0, 1], default=None, help="coordinate-descent tuning (default: engine's)")
+    ap.add_argument("--matvec-kernel", choices=["inductor", "triton"], default="inductor",
+                    help="dense decode projections of every engine built: compiled reductions (default) or the Triton GEMV "
+                         "with fixed launch parameters (FastOptions.matvec_kernel; --smoke on CPU needs TRITON_INTERPRET=1)")
     ap.add_argument("--one-shot-max-bytes", type=int, default=None, help="symm_mem buffer size (default: the engine's)")
     ap.add_argument("--check", action="store_true",
                     help="only the correctness check: fp32 tiny models, TP=T ids == TP=1 ids with each all-reduce (~1-2 min)")
@@ -506,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict[str, Any] = {
         "world_size": T, "devices": gather_devices(ctx), "model": "tiny" if args.smoke else "llama-7b shapes (EventGPT-7B LM), random weights",
         "dtype": str(dtype).removeprefix("torch."), "batch": 1, "prompt_len": S, "new_tokens": args.new_tokens,
+        "matvec_kernel": args.matvec_kernel, "autotune": args.autotune,
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
         "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
     }
@@ -517,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
         if T < 2:
             raise SystemExit("scale_out --check: run it under torchrun with 2 or more processes")
         res.update(model="tiny (mha, gqa), fp32, compiled and graph-captured on CUDA", dtype="float32", prompt_len=None, new_tokens=16)
-        res["check"] = run_check(ctx, impls, tp_of)
+        res["check"] = run_check(ctx, impls, tp_of, args.matvec_kernel)
         res["check_ok"] = all(r.get("ok") for r in res["check"].values()) if ctx.rank == 0 else None
         return finish(res, args, ctx, lambda: "\n".join(
             f"| {name} | {r.get('applied', {}).get('all_reduce', '-')} | ids equal TP=1: {r.get('ids_equal_tp1')} | "
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, shapes["vocab_size"], (1, S), generator=g).to(device)
     with torch.no_grad():
         embeds = lm.model.embed_tokens(ids).detach().clone()
-    base = {"max_batch": 1, "max_seq": -(-(S + args.new_tokens) // 64) * 64, "kv_bucket": 64}
+    base = {"max_batch": 1, "max_seq": -(-(S + args.new_tokens) // 64) * 64, "kv_bucket": 64, "matvec_kernel": args.matvec_kernel}
     if args.autotune is not None:
         base["autotune"] = bool(args.autotune)
 

@@ -101,8 +101,10 @@ class RunConfig:
     Attributes:
         preset / weights / tokenizer / vision_tower: the model (``weights``: ``"random"`` or a folder).
         device / dtype / seed: where, in which precision; the base seed (sampling, random weights).
-        engine / batch_size / kv_bucket / check_every / deterministic / cuda_graphs / compile / autotune:
-            the decode engine (``autotune``: timing-based tuning of the fast engine's compiled kernels).
+        engine / batch_size / kv_bucket / check_every / deterministic / cuda_graphs / compile / autotune /
+            matvec_kernel: the decode engine (``autotune``: timing-based tuning of the fast engine's
+            compiled kernels; ``matvec_kernel``: ``"inductor"`` or ``"triton"``, what computes the
+            fast engine's dense decode projections, :attr:`~stagewise.engine.fast.FastOptions.matvec_kernel`).
         speculate / num_speculative_tokens / draft_model / prompt_lookup_max / prompt_lookup_min:
             speculative decoding in the fast engine (``ngram``: prompt lookup; ``draft_model``: a
             text-only LLaMA draft, a preset such as ``llama-68m`` or a folder; ``multimodal_draft``:
@@ -137,6 +139,7 @@ class RunConfig:
     cuda_graphs: bool = True
     compile: bool = True
     autotune: bool = True
+    matvec_kernel: str = "inductor"
     output_len: str = "fixed:46"
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -205,6 +208,13 @@ class RunConfig:
                 raise ValueError("tensor_parallel_size: quantized weights are not sharded yet; use one of --quantize and tensor parallelism")
             if self.speculate == "draft_model" or self.speculate == "multimodal_draft":
                 raise ValueError("tensor_parallel_size: a draft model is not run in lockstep across ranks yet; use --speculate ngram or none")
+        if self.matvec_kernel not in ("inductor", "triton"):
+            raise ValueError(f"matvec_kernel: expected inductor or triton, got {self.matvec_kernel!r}")
+        if self.matvec_kernel != "inductor":
+            if self.engine != "fast":
+                raise ValueError("matvec_kernel: --matvec-kernel triton needs --engine fast")
+            if self.quantize != "none":
+                raise ValueError("matvec_kernel: --matvec-kernel triton is for dense weights; use one of it and --quantize")
         if self.all_reduce not in ("auto", "nccl", "symm_mem", "gloo"):
             raise ValueError(f"all_reduce: expected auto, nccl, symm_mem or gloo, got {self.all_reduce!r}")
         if self.quantize != "none":
@@ -278,7 +288,7 @@ class RunConfig:
             return HFOptions(sampling=self.sampling)
         return FastOptions(max_batch=max_batch, max_seq=max_seq, kv_bucket=self.kv_bucket, check_every=self.check_every,
                            compile=None if self.compile else False, cuda_graphs=None if self.cuda_graphs else False,
-                           autotune=None if self.autotune else False,
+                           autotune=None if self.autotune else False, matvec_kernel=self.matvec_kernel,
                            sampling=self.sampling, quantize=self.quant_options(), deterministic=True if self.deterministic else None)
 
     def resume_diff(self, recorded: dict) -> list[str]:
@@ -311,6 +321,10 @@ class RunConfig:
         e.add_argument("--no-autotune", action="store_true",
                        help="fast: no timing-based tuning of the compiled decode kernels (each process then compiles the same "
                             "kernels: data parallel ranks tune differently otherwise, docs/scale_out.md)")
+        e.add_argument("--matvec-kernel", default=d.matvec_kernel, choices=["inductor", "triton"],
+                       help="fast: what computes the dense decode projections (batch 1, a verify step): inductor (default: "
+                            "compiled reductions, tuned by timing unless --no-autotune) or triton (a hand-written GEMV with "
+                            "launch parameters fixed by the shape: the same kernel in every process; CUDA, compiled)")
         e.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size, help="fast, under torchrun: split the decoder over T GPUs of one host (default 1)")
         e.add_argument("--all-reduce", default=d.all_reduce, choices=["auto", "nccl", "symm_mem", "gloo"], help="tensor parallel all-reduce (default auto: symmetric-memory one-shot on CUDA, gloo on CPU)")
         e.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4", "fp8"], help="fast: weight-only quantization of the decoder's linear layers and LM head (default none)")
@@ -373,6 +387,7 @@ class RunConfig:
             engine=args.engine, batch_size=args.batch_size, kv_bucket=args.kv_bucket, check_every=args.check_every,
             deterministic=args.deterministic,
             cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile, autotune=not args.no_autotune,
+            matvec_kernel=args.matvec_kernel,
             speculate=args.speculate, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
             tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.all_reduce,

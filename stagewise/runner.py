@@ -530,7 +530,7 @@ def engine_facts(engine: Engine) -> dict[str, Any]:
     if isinstance(engine, FastEngine):
         facts.update(compiled=engine.compiled, cuda_graphs=engine.use_graphs, prefill_graphs=engine.prefill_graphs,
                      deterministic_attention=engine.deterministic, step_attention=engine.step_attention, autotune=engine.autotune,
-                     matvec=engine.matvec, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
+                     matvec=engine.matvec, matvec_kernel=engine.matvec_kernel, kv_bucket=engine.kv_bucket, check_every=engine.check_every,
                      max_batch=engine.max_batch, max_seq=engine.max_seq, quantization=engine.quant_info)
     return facts
 

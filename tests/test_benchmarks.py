@@ -61,3 +61,21 @@ def test_verify_profile_smoke_on_cpu():
 
     res = main(["--tiny", "--steps", "2", "--ks", "2"])
     assert res["decode"]["wall_us_per_step"] > 0 and res["verify"][2]["wall_us_per_step"] > 0
+
+
+def test_gemv_benchmark_smoke(tmp_path):
+    """benchmarks/gemv.py --smoke: tiny shapes, three Triton configs (the interpreter on CPU, or
+    skipped without Triton) against the Inductor form and F.linear; every row is within its error
+    bound and deterministic, the engine's default config is marked, the JSON is written."""
+    from benchmarks.gemv import main
+
+    out = tmp_path / "gemv.json"
+    res = main(["--smoke", "--shapes", "qkv", "--repeats", "2", "--out", str(out)])
+    rows = res["shapes"]["qkv"]["rows"]
+    assert [r["variant"] for r in rows[:3]] == ["cublas", "inductor", "inductor tuned"]
+    if res["triton_skipped"] is None:
+        tri = [r for r in rows if r["variant"] == "triton"]
+        assert len(tri) == 3 and sum(r["default"] for r in tri) == 1
+        assert "triton best" in res["summary"]["qkv"] and "triton default" in res["summary"]["qkv"]
+    assert all("error" not in r and r["within_bound"] and r["deterministic"] and r["us"] > 0 for r in rows)
+    assert json.loads(out.read_text())["shapes"]["qkv"]["N"] == 96

@@ -61,6 +61,8 @@ def test_render_writes_pngs(tmp_path):
         (["run", "--weights", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
         (["run", "--preset", "gpt-5"], "preset"),
         (["report", "/nonexistent/run"], "/nonexistent/run"),
+        (["run", "--matvec-kernel", "triton"], "--matvec-kernel triton needs --engine fast"),  # the default engine is hf
+        (["run", "--engine", "fast", "--matvec-kernel", "triton", "--quantize", "int8"], "use one of it and --quantize"),
     ],
 )
 def test_bad_input_is_one_line(argv, needle, capsys):
@@ -95,6 +97,7 @@ def test_fast_engine_and_fast_stages_end_to_end(tmp_path):
     assert not applied["vision_graph"] and not applied["vision_compile"]
     assert cfg["applied"]["engine"]["compiled"] is False and cfg["applied"]["engine"]["cuda_graphs"] is False
     assert cfg["applied"]["engine"]["autotune"] is False  # nothing compiled, nothing tuned
+    assert cfg["requested"]["matvec_kernel"] == cfg["applied"]["engine"]["matvec_kernel"] == "inductor"
 
 
 def test_no_autotune_reaches_the_engine_options():
@@ -107,3 +110,30 @@ def test_no_autotune_reaches_the_engine_options():
     off = RunConfig.from_args(args, preset="eventgpt-tiny", inputs={})
     assert off.autotune is False and off.engine_options(max_batch=1, max_seq=64).autotune is False
     assert RunConfig(engine="fast").engine_options(max_batch=1, max_seq=64).autotune is None
+
+
+def test_matvec_kernel_reaches_the_engine_options():
+    """--matvec-kernel triton: the fast engine gets matvec_kernel="triton"; the default stays inductor."""
+    from stagewise.cli import build_parser
+    from stagewise.config import RunConfig
+
+    args = build_parser().parse_args(["run", "--engine", "fast", "--matvec-kernel", "triton"])
+    cfg = RunConfig.from_args(args, preset="eventgpt-tiny", inputs={})
+    assert cfg.matvec_kernel == "triton" and cfg.engine_options(max_batch=1, max_seq=64).matvec_kernel == "triton"
+    assert RunConfig(engine="fast").engine_options(max_batch=1, max_seq=64).matvec_kernel == "inductor"
+    with pytest.raises(ValueError, match="matvec_kernel: expected inductor or triton"):
+        RunConfig(engine="fast", matvec_kernel="cublas")
+
+
+@pytest.mark.slow
+def test_matvec_kernel_triton_end_to_end_is_recorded_as_applied(tmp_path):
+    """On CPU under Triton's interpreter (tests/conftest.py), eagerly: the run records the kernel."""
+    from stagewise.engine.dense import triton_gemv_usable
+
+    if triton_gemv_usable("cuda" if __import__("torch").cuda.is_available() else "cpu") is not None:
+        pytest.skip("the Triton GEMV cannot run here")
+    out = tmp_path / "run"
+    assert main(["run", "--engine", "fast", "--matvec-kernel", "triton", "--num-samples", "1", "--output-len", "fixed:3",
+                 "--warmup", "0", "--out", str(out), "--no-ceilings"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["requested"]["matvec_kernel"] == cfg["applied"]["engine"]["matvec_kernel"] == "triton"

@@ -33,7 +33,9 @@ The design, after gpt-fast (pytorch-labs/gpt-fast), in plain PyTorch:
   ``done`` flags every ``check_every`` steps and once at the end.
 * Batch-1 decode computes each projection as one multiply-and-sum (``matvec``), which the
   compiler emits as a single weight-streaming reduction kernel with the RMSNorm scale and the
-  SiLU-gating folded into its loads; larger batches use cuBLAS.
+  SiLU-gating folded into its loads; larger batches use cuBLAS. ``matvec_kernel="triton"``
+  replaces those reductions by a hand-written Triton GEMV with launch parameters fixed by the
+  shape (:mod:`stagewise.engine.dense`): the same kernels in every compile and on every rank.
 * Prefill uses the same layer structure, compiled once with batch and prompt length dynamic;
   SDPA takes its flash path with ``is_causal`` when the batch has no padding, an explicit mask
   otherwise. Each prompt shape that :meth:`FastEngine.warmup` sees is captured whole in one CUDA
@@ -77,6 +79,7 @@ from stagewise.engine.base import (
     left_pad_positions,
     padding_mask,
 )
+from stagewise.engine.dense import TritonDenseWeight, triton_gemv_usable
 from stagewise.engine.layers import (
     STATIC_ROPE_TYPES,
     Dims,
@@ -118,6 +121,9 @@ from stagewise.models.weights import fuse_linears
 
 MAX_EXTEND = 16
 """The most tokens one :meth:`FastEngine.extend` call feeds per row (``k + 1`` of a verify step)."""
+
+MATVEC_KERNELS = ("inductor", "triton")
+"""Values of :attr:`FastOptions.matvec_kernel`."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,19 @@ class FastOptions:
             (:class:`~stagewise.engine.parallel.TensorParallel`); ``None``: one device. Every
             rank builds the engine and makes the same calls in the same order. Not with
             ``quantize`` yet.
+        matvec_kernel: what computes the dense decode projections with few rows (at most
+            ``GEMV_MAX_M`` = 4: decode at batch <= 4, a batch-1 verify step of <= 4 tokens):
+            ``"inductor"`` (default: the compiler-generated reductions of ``matvec`` /
+            ``extend_matvec``, tuned by timing when ``autotune``, or cuBLAS where those are off)
+            or ``"triton"``: every layer's q/k/v, o, gate/up and down weights and the LM head
+            (after tensor-parallel sharding) run the hand-written Triton GEMV with launch
+            parameters fixed by the shape (:class:`~stagewise.engine.dense.TritonDenseWeight`),
+            so every compile and every rank runs the same kernels; prefill and steps with more
+            rows keep cuBLAS. ``"triton"`` needs Triton and CUDA with ``compile`` on (or CPU
+            under ``TRITON_INTERPRET=1``, eager: the tests); not with ``quantize``.
 
     Raises:
-        ValueError: a field out of range (named).
+        ValueError: a field out of range (named); ``matvec_kernel="triton"`` with ``quantize``.
     """
 
     max_batch: int = 1
@@ -182,6 +198,7 @@ class FastOptions:
     deterministic: bool | None = None
     deterministic_step_attention: str = "compiled"
     tensor_parallel: TensorParallel | None = None
+    matvec_kernel: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -192,6 +209,11 @@ class FastOptions:
             raise ValueError(f"kv_bucket ({self.kv_bucket}) and check_every ({self.check_every}) must be >= 1")
         if self.quantize is not None and self.tensor_parallel is not None and self.tensor_parallel.size > 1:
             raise ValueError("tensor_parallel: quantized weights are not sharded yet; use one of quantize or tensor parallelism")
+        if self.matvec_kernel not in MATVEC_KERNELS:
+            raise ValueError(f"matvec_kernel: expected one of {', '.join(MATVEC_KERNELS)}, got {self.matvec_kernel!r}")
+        if self.matvec_kernel == "triton" and self.quantize is not None:
+            raise ValueError("matvec_kernel: 'triton' is the dense-weight GEMV; quantized weights have their own "
+                             "kernels (quantize.decode_impl): use one of matvec_kernel='triton' and quantize")
 
 
 class PrefillGraph(NamedTuple):
@@ -270,11 +292,15 @@ class FastEngine:
     Attributes:
         warmup_ms: wall time spent compiling, capturing and warming up (ms).
         n_host_syncs: host reads of device state made by :meth:`decode` (EOS looks, the final copy).
+        matvec_kernel: :attr:`FastOptions.matvec_kernel` as applied (``"triton"``: the projection
+            weights in ``layers`` and ``lm_head`` are :class:`~stagewise.engine.dense.TritonDenseWeight`).
 
     Raises:
         ValueError: an unsupported model (activation, RoPE type, head counts), head counts /
-            MLP width not divisible by the tensor-parallel size, or an unknown
-            ``deterministic_step_attention``.
+            MLP width not divisible by the tensor-parallel size, an unknown
+            ``deterministic_step_attention``, or ``matvec_kernel="triton"`` where its kernels cannot
+            run (no Triton; CUDA without ``compile``; CPU without ``TRITON_INTERPRET=1`` or with
+            ``compile``).
     """
 
     name = "fast"
@@ -342,10 +368,13 @@ class FastEngine:
             self.reduce = self.tp.reduce
         self.embed = lm.model.embed_tokens.weight.detach()
         self.norm_w = lm.model.norm.weight.detach()
-        self.lm_head: torch.Tensor | QuantizedWeight = lm.lm_head.weight.detach()  # the embedding itself when tied
+        self.lm_head: torch.Tensor | QuantizedWeight | TritonDenseWeight = lm.lm_head.weight.detach()  # the embedding itself when tied
         self.quant_info: dict[str, object] | None = None
         if options.quantize is not None:
             self._quantize(options.quantize)
+        self.matvec_kernel = options.matvec_kernel
+        if self.matvec_kernel == "triton":
+            self._use_triton_gemv()
 
         if self.compiled:
             _raise_recompile_limit()
@@ -379,6 +408,24 @@ class FastEngine:
         self.max_seq = 0
         self.setup(options.max_batch, options.max_seq or cfg.max_position_embeddings)
 
+    def _use_triton_gemv(self) -> None:
+        """``matvec_kernel="triton"``: wrap every layer's dense projections (this rank's shards) and
+        the LM head in :class:`TritonDenseWeight` (the tensors are shared, not copied).
+
+        Raises:
+            ValueError: no Triton, a device its kernels do not run on, or CUDA without ``compile``.
+        """
+        why = triton_gemv_usable(self.device)
+        if why is None and self.device.type == "cuda" and not self.compiled:
+            why = "on CUDA it is a kernel of the compiled decode step; compile is off"
+        if why is None and self.device.type != "cuda" and self.compiled:
+            why = "on CPU it runs in Triton's interpreter, eagerly only; compile is on"
+        if why is not None:
+            raise ValueError(f"fast engine: matvec_kernel 'triton' cannot be used: {why}")
+        names = ("wqkv", "wo", "w_gate_up", "w_down")
+        self.layers = [w._replace(**{n: TritonDenseWeight(getattr(w, n)) for n in names}) for w in self.layers]
+        self.lm_head = TritonDenseWeight(self.lm_head)
+
     def _quantize(self, q: QuantOptions) -> None:
         """Replace the decoder's projection weights (and the LM head) by quantized copies; the HF
         model keeps its own weights. Records what was applied in ``quant_info``."""
@@ -403,7 +450,7 @@ class FastEngine:
         """Bytes of weights one decode step streams: every layer's norms and projections (packed
         codes and scales when quantized), the final norm and the LM head (the embedding lookup reads
         one row per token and is not counted), as stored on this rank."""
-        tensors: list[torch.Tensor | QuantizedWeight | None] = [self.norm_w, self.lm_head]
+        tensors: list[torch.Tensor | QuantizedWeight | TritonDenseWeight | None] = [self.norm_w, self.lm_head]
         for w in self.layers:
             tensors += list(w)
         return streamed_bytes(tensors)

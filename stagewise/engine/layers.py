@@ -19,8 +19,9 @@ In decode/extend the ``G = H / Hkv`` query heads that share a KV head are folded
 positions into the query-length axis (``[B, Hkv, G * S, hd]``), so attention needs neither
 ``enable_gqa`` nor a repeated cache.
 
-Projections go through :func:`linear`, which takes either a dense ``[N, K]`` tensor or a quantized
-weight (:class:`QuantizedLinear`, :mod:`stagewise.engine.quant`); row-parallel projections (o-proj and
+Projections go through :func:`linear`, which takes either a dense ``[N, K]`` tensor or a weight
+with its own kernels (:class:`QuantizedLinear`: quantized, :mod:`stagewise.engine.quant`, or dense
+through the Triton GEMV, :mod:`stagewise.engine.dense`); row-parallel projections (o-proj and
 down-proj under tensor parallelism) are followed by the ``reduce`` callable the engine passes in
 (an all-reduce; the identity on one GPU).
 """
@@ -49,7 +50,9 @@ def no_reduce(x: torch.Tensor) -> torch.Tensor:
 
 @runtime_checkable
 class QuantizedLinear(Protocol):
-    """A weight-only quantized ``[N, K]`` matrix (see :mod:`stagewise.engine.quant`)."""
+    """An ``[N, K]`` weight that computes its own products: weight-only quantized
+    (:class:`stagewise.engine.quant.QuantizedWeight`) or dense through the Triton GEMV
+    (:class:`stagewise.engine.dense.TritonDenseWeight`)."""
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, decode: bool) -> torch.Tensor:
         """``x @ W^T (+ bias)`` for ``x: [..., K]``; ``decode`` picks the memory-bound kernel."""
@@ -127,9 +130,10 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None, *, matvec: bool, 
     ``w`` row by row, with the producer of ``x`` (SiLU gating, say) fused into its loads (eagerly it
     would materialize ``[N, K]``); with a few rows (``FastOptions.extend_matvec``, a verify step) the
     same reduction is written weight-major so each weight row is read once for all rows; otherwise
-    cuBLAS. ``decode`` (quantized weights) picks the memory-bound kernel with fused dequantization
-    (a decode or verify step: few rows) over the prefill GEMM
-    (:meth:`stagewise.engine.quant.QuantizedWeight.linear`). (Folding the RMSNorm
+    cuBLAS. ``decode`` (weights with their own kernels) picks the memory-bound kernel (a decode or
+    verify step: few rows) over the prefill GEMM: fused dequantization
+    (:meth:`stagewise.engine.quant.QuantizedWeight.linear`) or the dense Triton GEMV
+    (:meth:`stagewise.engine.dense.TritonDenseWeight.linear`); ``matvec`` does not apply to them. (Folding the RMSNorm
     statistics into the same reduction, as ``rsqrt(mean(x^2)) * (w @ (ln * x))``, removes a kernel
     per norm but measured slower: the compiler then inlines the rescaling into the next projection's
     loads.)

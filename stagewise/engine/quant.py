@@ -368,14 +368,16 @@ def quantized_nbytes(n: int, k: int, kind: str, group_size: int | None = DEFAULT
     raise ValueError(f"quantized_nbytes: unknown kind {kind!r}")
 
 
-def streamed_bytes(weights: Iterable[torch.Tensor | QuantizedWeight | None]) -> int:
-    """Total bytes of a collection of weights as one use streams them (``None`` entries skipped)."""
+def streamed_bytes(weights: Iterable[Any]) -> int:
+    """Total bytes of a collection of weights as one use streams them (``None`` entries skipped):
+    a tensor's ``numel x element size``; any other weight's ``nbytes`` (:class:`QuantizedWeight`,
+    :class:`stagewise.engine.dense.TritonDenseWeight`)."""
     total = 0
     for w in weights:
-        if isinstance(w, QuantizedWeight):
-            total += w.nbytes
-        elif w is not None:
+        if isinstance(w, torch.Tensor):
             total += w.numel() * w.element_size()
+        elif w is not None:
+            total += w.nbytes
     return total
 
 

@@ -1,8 +1,10 @@
-"""Triton kernels for weight-only quantized linears, registered as ``torch.library.triton_op``.
+"""Triton kernels for the fast engine's linears, registered as ``torch.library.triton_op``.
 
-Imported lazily by :mod:`stagewise.engine.quant` (Triton is optional: CI has none); importing this
-module registers two operators that ``torch.compile(fullgraph=True)`` traces through and
-Inductor inlines into its own generated code, so they sit inside the engine's CUDA graphs:
+Weight-only quantized weights (:mod:`stagewise.engine.quant`) and dense bf16 / fp16 / fp32 weights
+(:mod:`stagewise.engine.dense`). Imported lazily by those modules (Triton is optional: CI has
+none); importing this module registers three operators that ``torch.compile(fullgraph=True)``
+traces through and Inductor inlines into its own generated code, so they sit inside the engine's
+CUDA graphs:
 
 ``torch.ops.stagewise.wq_gemv(x, data, scale, zero, *, kind, group_size, block_n, block_k,
 num_warps, num_stages) -> y``
@@ -21,10 +23,17 @@ block_k, group_m, num_warps, num_stages) -> y``
     bf16/fp16, so the dot runs on the raw codes). Grouped program order (``group_m``) keeps a
     band of weight tiles in L2 while the ``M`` blocks that use them run (prefill).
 
+``torch.ops.stagewise.dense_gemv(x, w, *, block_n, block_k, num_warps, num_stages) -> y``
+    The same few-row GEMV for a dense ``w [N, K]`` (bf16, fp16 or fp32, loaded in its own dtype
+    and converted to fp32 in registers): the fast engine's ``matvec_kernel="triton"``. Its launch
+    parameters are fixed by the caller from the shape (no timing-based choice), so every process
+    that runs it compiles the same kernel.
+
 Formats (see :class:`stagewise.engine.quant.QuantizedWeight`): int8 ``data [N, K]`` int8,
 ``scale [N]`` fp32, ``w = q * scale``; fp8 ``data [N, K]`` float8_e4m3fn, same scale; int4
 ``data [N, K/2]`` uint8 (element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high
-nibble), ``scale, zero [N, K/G]`` fp16, ``w = q * scale + zero`` with ``q in 0..15``.
+nibble), ``scale, zero [N, K/G]`` fp16, ``w = q * scale + zero`` with ``q in 0..15``; dense
+``w [N, K]`` in any of bf16, fp16, fp32 (independent of x's dtype).
 
 Only Triton APIs present in both 3.6 (the GPU machine) and 3.9 are used (``tl.static_range``,
 ``tl.interleave``, ``tl.dot(input_precision=...)``). Under ``TRITON_INTERPRET=1`` (set before
@@ -113,6 +122,35 @@ def _gemv_int4_kernel(
             qx = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, SUBS]
             xs = tl.sum(xe + xo, axis=1)  # [SUBS]
             part = tl.sum(qx * sc + zp * xs[None, :], axis=1)  # [BN]
+            acc = tl.where(rm[:, None] == mi, acc + part[None, :], acc)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
+
+
+@triton.jit
+def _gemv_dense_kernel(
+    x_ptr, w_ptr, y_ptr, N, K, stride_xm, stride_ym,
+    M: tl.constexpr, M_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[m, n] = sum_k w[n, k] x[m, k] for a dense weight in its own dtype (fp32 accumulation).
+
+    As :func:`_gemv_per_channel_kernel` without the scale: each program streams ``BLOCK_N``
+    weight rows once, in K steps of ``BLOCK_K``, for all ``M`` rows of x.
+    """
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output channels of this program
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)  # [BK]
+    rm = tl.arange(0, M_P2)  # [M_P2] rows of x (padded to a power of two)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K  # [BN, 1]
+    acc = tl.zeros([M_P2, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BN, BK]
+        for mi in tl.static_range(M):
+            xv = tl.load(x_ptr + mi * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+            part = tl.sum(w * xv[None, :], axis=1)  # [BN]
             acc = tl.where(rm[:, None] == mi, acc + part[None, :], acc)
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
@@ -214,6 +252,30 @@ def wq_gemv(
             x, data, scale, y, N, K, x.stride(0), y.stride(0),
             M=M, M_P2=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
+    return y
+
+
+@triton_op(
+    "stagewise::dense_gemv",
+    mutates_args=(),
+    schema="(Tensor x, Tensor w, *, int block_n, int block_k, int num_warps, int num_stages) -> Tensor",
+)
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """Few-row GEMV of a dense weight: ``x [M, K]`` (contiguous, M small) times ``w [N, K]``
+    (contiguous; bf16, fp16 or fp32) transposed -> ``y [M, N]`` in x's dtype, fp32 accumulation.
+
+    Deterministic (no split-K: each output is reduced by one program in a fixed order).
+    ``block_n``, ``block_k``: powers of two; ``M`` is unrolled in the kernel (one compile per M).
+    """
+    assert x.ndim == 2 and x.is_contiguous(), "x must be a contiguous [M, K] tensor"
+    assert w.ndim == 2 and w.is_contiguous() and w.shape[1] == x.shape[1], "w must be a contiguous [N, K] tensor"
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    wrap_triton(_gemv_dense_kernel)[(triton.cdiv(N, block_n),)](
+        x, w, y, N, K, x.stride(0), y.stride(0),
+        M=M, M_P2=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
     return y
 
 
