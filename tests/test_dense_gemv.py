@@ -105,9 +105,10 @@ def test_dense_gemv_reads_a_bf16_weight(triton_device):
 
 
 def test_default_configs_are_fixed_by_shape_and_dtype(monkeypatch):
-    assert dense_gemv_config(4096, 4096, 1, torch.bfloat16) == (8, 512, 4, 3)
-    assert dense_gemv_config(4096, 4096, 4, torch.float16) == (8, 512, 4, 3)
+    assert dense_gemv_config(1000, 4096, 1, torch.bfloat16) == (8, 512, 4, 3)  # a shape outside the table
+    assert dense_gemv_config(4096, 4096, 4, torch.float16) == (8, 512, 4, 3)  # the table is bf16 only
     assert dense_gemv_config(4096, 4096, 1, torch.float32) == (8, 256, 4, 3)  # 1 KiB of weight per row per step
+    assert dense_gemv_config(4096, 4096, 1, torch.bfloat16) == D.DENSE_GEMV_CONFIGS[(4096, 4096, torch.bfloat16)]
     monkeypatch.setitem(D.DENSE_GEMV_CONFIGS, (4096, 11008, torch.bfloat16), (16, 1024, 8, 2))
     assert dense_gemv_config(4096, 11008, 1, torch.bfloat16) == (16, 1024, 8, 2)
     assert dense_gemv_config(4096, 11008, 1, torch.float16) == (8, 512, 4, 3)

@@ -32,9 +32,24 @@ DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GemvConfig = tuple[int, int, int, int]
 """``(block_n, block_k, num_warps, num_stages)`` of one :func:`dense_gemv` launch."""
 
-DENSE_GEMV_CONFIGS: dict[tuple[int, int, torch.dtype], GemvConfig] = {}
-"""``(N, K, weight dtype) -> config`` overriding :func:`dense_gemv_config`'s defaults; to be filled
-from ``benchmarks/gemv.py`` measurements (empty: the defaults apply to every shape)."""
+DENSE_GEMV_CONFIGS: dict[tuple[int, int, torch.dtype], GemvConfig] = {
+    # LLaMA-7B decode projections (EventGPT-7B, LLaVA-1.5-7B, Video-LLaVA-7B) and their TP=2
+    # shards, bf16, M = 1: the fastest config of benchmarks/gemv.py's 28-config sweep on an H200
+    # (docs/results/scale-out/fixed-kernels/gemv_h200.json; us per call vs the default config:
+    # qkv 25.5 vs 27.8, o 10.7 vs 12.0, gate_up 43.7 vs 44.7, down 23.3 vs 28.3, lm_head 61.0 vs
+    # 61.9; shards 14.5 vs 14.6, 6.0 vs 7.1, 23.3 vs 26.3, 13.6 vs 15.6). Not swept on an H100.
+    (12288, 4096, torch.bfloat16): (8, 256, 4, 3),  # fused q/k/v
+    (4096, 4096, torch.bfloat16): (8, 1024, 8, 4),  # o-proj
+    (22016, 4096, torch.bfloat16): (4, 1024, 4, 2),  # fused gate/up
+    (4096, 11008, torch.bfloat16): (8, 1024, 8, 3),  # down-proj
+    (32000, 4096, torch.bfloat16): (4, 1024, 4, 4),  # LM head
+    (6144, 4096, torch.bfloat16): (4, 512, 4, 3),  # TP=2 shards
+    (4096, 2048, torch.bfloat16): (8, 1024, 8, 3),
+    (11008, 4096, torch.bfloat16): (8, 256, 4, 3),
+    (4096, 5504, torch.bfloat16): (8, 1024, 8, 2),
+}
+"""``(N, K, weight dtype) -> config`` overriding :func:`dense_gemv_config`'s defaults, measured
+with ``benchmarks/gemv.py`` (other shapes take the defaults)."""
 
 
 def dense_gemv_config(n: int, k: int, m: int, dtype: torch.dtype) -> GemvConfig:
