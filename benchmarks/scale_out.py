@@ -36,7 +36,7 @@ slower kernels together with lower clocks: the GPUs share a power or thermal bud
 kernel slower on one rank at the same clocks: the ranks compiled different kernels.
 
 ``--profile STEPS`` adds a per-kernel profile of each engine's decode step (rank 0's tables are
-printed): what halves under TP and what does not.
+printed): what halves under TP and what does not; ``--profile-prefill N`` the same for N prefills.
 
 ``--matvec-kernel triton`` builds every engine (TP=1, TP=T, compute-only, DP, ``--check``) with
 ``FastOptions(matvec_kernel="triton")``: the dense decode projections run the hand-written Triton
@@ -194,6 +194,9 @@ def run_engine(lm, opts: FastOptions, embeds: torch.Tensor, args, *, compute_onl
             S, P = embeds.shape[1], args.profile
             res["profile"] = kernel_table(lambda pre, e=eng: e.decode(pre, P + 1, None), P, embeds.device,
                                           setup=lambda e=eng: e.prefill(embeds, [S]), top=15)
+        if args.profile_prefill:  # the same for the prefill (its all-reduces run after their matmuls)
+            S, P = embeds.shape[1], args.profile_prefill
+            res["prefill_profile"] = kernel_table(lambda e=eng: [e.prefill(embeds, [S]) for _ in range(P)], P, embeds.device, top=15)
         if eng.tp is not None:
             res["applied"] = eng.tp.describe()
         return res
@@ -498,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="--dp: the ranks compile and tune one at a time (default: all at once, as stagewise run does)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also a per-kernel profile of STEPS decode steps of every engine (TP=1, TP=T, compute-only)")
+    ap.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                    help="also a per-kernel profile of N prefills of every engine (TP=1, TP=T, compute-only)")
     ap.add_argument("--no-tp1", action="store_true")
     ap.add_argument("--no-compute-only", action="store_true")
     args = ap.parse_args(argv)
@@ -599,7 +604,9 @@ def main(argv: list[str] | None = None) -> dict:
     res["total_s"] = time.perf_counter() - t_start
     engines = [("TP=1", res.get("tp1", {})), ("compute-only", res.get("compute_only", {}))] + [(f"TP={T} {i}", r) for i, r in res["tp"].items()]
     return finish(res, args, ctx, lambda: "\n".join(
-        [format_table(r["profile"], f"rank 0, {name} decode step") for name, r in engines if "profile" in r] + [table(res)]))
+        [format_table(r["profile"], f"rank 0, {name} decode step") for name, r in engines if "profile" in r]
+        + [format_table(r["prefill_profile"], f"rank 0, {name} prefill") for name, r in engines if "prefill_profile" in r]
+        + [table(res)]))
 
 
 if __name__ == "__main__":
