@@ -34,6 +34,28 @@ def tiny_eventgpt():
     return build_random("eventgpt-tiny", device="cpu", dtype=torch.float32, seed=0)
 
 
+@pytest.fixture(scope="module")
+def triton_device():
+    """Where the Triton kernels' tests run: ``"cuda"`` when present, else ``"cpu"`` under Triton's
+    interpreter (switched on above, before triton is imported); skips without Triton, or when
+    the kernels were defined before the interpreter was on."""
+    from stagewise.engine import quant as Q
+
+    if not Q.triton_available():
+        pytest.skip("triton not installed")
+    if torch.cuda.is_available():
+        Q.ensure_triton()
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    Q.ensure_triton()
+    import stagewise.engine.quant_triton as QT
+
+    if type(QT._gemm_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("the Triton kernels were defined before the interpreter was switched on")
+    return "cpu"
+
+
 def decoupled(model, prepared, n: int, eos: int | None) -> tuple[list[int], int]:
     """The decoupled path by hand: encode_vision once -> build_inputs_embeds -> HFEngine.
 

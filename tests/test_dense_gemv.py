@@ -16,7 +16,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_engine_fast import GQA
+from test_engine_fast import tiny_lm as engine_tiny_lm
+from transformers import LlamaForCausalLM
 
 from stagewise.engine import dense as D
 from stagewise.engine import quant as Q
@@ -25,24 +27,6 @@ from stagewise.engine.fast import FastEngine, FastOptions
 from stagewise.engine.quant import GEMV_MAX_M, QuantOptions
 
 U = 2.0**-24
-
-
-@pytest.fixture(scope="module")
-def triton_device():
-    """CUDA when present; else the Triton interpreter on CPU; skip without Triton."""
-    if not Q.triton_available():
-        pytest.skip("triton not installed")
-    if torch.cuda.is_available():
-        Q.ensure_triton()
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    Q.ensure_triton()
-    import stagewise.engine.quant_triton as QT
-
-    if type(QT._gemv_dense_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("the Triton kernels were defined before the interpreter was switched on")
-    return "cpu"
 
 
 @pytest.fixture
@@ -164,12 +148,8 @@ def test_wrapper_validates_its_weight(triton_device, monkeypatch):
 
 
 def tiny_lm(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    kw = {"vocab_size": 101, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-          "initializer_range": 0.2, "rms_norm_eps": 1e-5}
-    kw.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    """test_engine_fast's tiny LLaMA with grouped-query attention (2 KV heads for 4 query heads)."""
+    return engine_tiny_lm(seed, **{**GQA, **overrides})
 
 
 def test_fast_options_validate_matvec_kernel():

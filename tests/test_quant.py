@@ -16,7 +16,6 @@ Tolerances, derived once and used throughout:
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -315,25 +314,6 @@ def test_inductor_compiles_the_formulation_on_cpu():
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels: the interpreter on CPU (real hardware in the gpu tests below)
-
-
-@pytest.fixture(scope="module")
-def triton_device():
-    """CUDA when present; else the Triton interpreter on CPU; skip without Triton."""
-    if not Q.triton_available():
-        pytest.skip("triton not installed")
-    if torch.cuda.is_available():
-        Q.ensure_triton()
-        return "cuda"
-    # conftest.py switches the interpreter on before triton is imported (it must precede that)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    Q.ensure_triton()
-    import stagewise.engine.quant_triton as QT
-
-    if type(QT._gemm_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("the Triton kernels were defined before the interpreter was switched on")
-    return "cpu"
 
 
 TRITON_CASES = [  # (rows, decode): the GEMV (rows <= GEMV_MAX_M), the decode GEMM, the prefill GEMM

@@ -131,10 +131,12 @@ class TritonDenseWeight:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weight's dtype (bf16, fp16 or fp32); the GEMV accumulates in fp32."""
         return self.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """The weight's device (CUDA; CPU only under Triton's interpreter)."""
         return self.weight.device
 
     @property

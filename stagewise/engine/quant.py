@@ -515,8 +515,8 @@ def triton_available() -> bool:
 
 def ensure_triton() -> None:
     """Import :mod:`stagewise.engine.quant_triton` (registers ``torch.ops.stagewise.wq_gemv`` /
-    ``wq_gemm``). Call before ``torch.compile`` traces a ``"triton"`` weight (constructing one
-    does it). Under ``TRITON_INTERPRET=1``, set the variable before the first call.
+    ``wq_gemm`` / ``dense_gemv``). Call before ``torch.compile`` traces a ``"triton"`` weight
+    (constructing one, quantized or :class:`~stagewise.engine.dense.TritonDenseWeight`, does it). Under ``TRITON_INTERPRET=1``, set the variable before the first call.
 
     Raises:
         ValueError: Triton is not installed.

@@ -266,6 +266,10 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, *, block_n: int, block_k: int, 
 
     Deterministic (no split-K: each output is reduced by one program in a fixed order).
     ``block_n``, ``block_k``: powers of two; ``M`` is unrolled in the kernel (one compile per M).
+
+    Raises:
+        AssertionError: x or w not 2-D and contiguous, or their K differ (callers check first:
+            :meth:`stagewise.engine.dense.TritonDenseWeight.linear`).
     """
     assert x.ndim == 2 and x.is_contiguous(), "x must be a contiguous [M, K] tensor"
     assert w.ndim == 2 and w.is_contiguous() and w.shape[1] == x.shape[1], "w must be a contiguous [N, K] tensor"
