@@ -56,6 +56,20 @@ def triton_device():
     return "cpu"
 
 
+def cuda_graph_of(fn, *args):
+    """Capture ``fn(*args)`` in a CUDA graph, after one warm-up call on a side stream (as capture
+    requires). Returns ``(graph, static_out)``: each ``graph.replay()`` rewrites ``static_out``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*args)
+    return graph, static_out
+
+
 def decoupled(model, prepared, n: int, eos: int | None) -> tuple[list[int], int]:
     """The decoupled path by hand: encode_vision once -> build_inputs_embeds -> HFEngine.
 

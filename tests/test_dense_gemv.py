@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cuda_graph_of
 from test_engine_fast import GQA
 from test_engine_fast import tiny_lm as engine_tiny_lm
 from transformers import LlamaForCausalLM
@@ -239,14 +240,7 @@ def test_gpu_compiled_dense_gemv_in_a_cuda_graph_is_exact_and_deterministic():
         fn = torch.compile(lambda x, w: w.linear(torch.nn.functional.silu(x), decode=True), fullgraph=True, dynamic=False)
         x = torch.randn(M, K, device=dev, generator=g, dtype=torch.bfloat16)
         y0 = fn(x, dw)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(x, dw)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = fn(x, dw)
+        graph, static_y = cuda_graph_of(fn, x, dw)
         graph.replay()
         assert torch.equal(static_y, y0), f"M={M}: graph replay differs from the compiled call"
         h = torch.nn.functional.silu(x)

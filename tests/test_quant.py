@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from conftest import cuda_graph_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stagewise.engine import quant as Q
@@ -567,14 +568,7 @@ def test_gpu_compiled_kernels_in_cuda_graphs_are_exact_and_deterministic(kind, i
         x = torch.randn(rows, K, device=dev, generator=g, dtype=torch.bfloat16)
         static_x = x.clone()
         y0 = fn(static_x, q)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(static_x, q)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = fn(static_x, q)
+        graph, static_y = cuda_graph_of(fn, static_x, q)
         graph.replay()
         assert torch.equal(static_y, y0), f"{kind} {impl} rows={rows}: graph replay differs from eager"
         graph.replay()
